@@ -1,0 +1,105 @@
+"""The public entry points: `load(path)` and the `Mistral4` model object."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Mistral4Config
+from .model import Mistral4Model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any, what: str = "dtype") -> Any:
+    """A jnp dtype from a name ("float32", "bfloat16", "float16") or a dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"{what} must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def default_compute_dtype(dtype: Any) -> Any:
+    """float32 on CPU (XLA's CPU bf16 matmuls are ~30x slower); the storage dtype on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else dtype
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position of each token = number of real tokens before it (left or right padding): [B, T] int32."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Mistral4:
+    """A loaded Mistral 4 text model: config, parameters (a pytree of jax arrays) and jitted functions.
+
+    `dtype` is the storage dtype of the parameters, `compute_dtype` the dtype of activations.
+    """
+
+    def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None) -> None:
+        self.config = config
+        self.params = params
+        self.dtype = resolve_dtype(dtype)
+        self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
+        self.module = Mistral4Model(config, dtype=self.compute_dtype, param_dtype=self.dtype)
+        self._forward = jax.jit(self._forward_impl, static_argnames=("last_only",))
+
+    def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False):
+        positions = positions_from_mask(attention_mask)
+        return self.module.apply({"params": params}, input_ids, positions, attention_mask.astype(bool), last_only)
+
+    def _check_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be a non-empty integer array [batch, tokens], got {ids.dtype}{list(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got values {ids.min()}..{ids.max()}")
+        if attention_mask is None:
+            mask = np.ones(ids.shape, np.int32)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None]
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids")
+        return ids.astype(np.int32), mask.astype(np.int32)
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, last_only: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """(logits [B, T or 1, vocab] float32, routed expert ids [moe_layers, B, T, K] or None), as jax arrays."""
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        return self._forward(self.params, ids, mask, last_only=last_only)
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """float32 logits [B, T, vocab] as a numpy array. input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = padding."""
+        return np.asarray(self.forward(input_ids, attention_mask)[0])
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+
+
+def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None) -> Mistral4:
+    """Load a model from an HF checkpoint directory (config.json + safetensors).
+
+    dtype: storage dtype of the parameters ("float32", "bfloat16", "float16"); compute_dtype defaults
+    to float32 on CPU and to `dtype` elsewhere.
+    """
+    from . import hf
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    jdtype = resolve_dtype(dtype)
+    config = Mistral4Config.from_json(os.path.join(path, "config.json"))
+    params = hf.read_params(path, config, np.dtype(jdtype))
+    log.info("loaded %s (%d layers) from %s", type(config).__name__, config.num_hidden_layers, path)
+    params = jax.device_put(params)
+    return Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype)

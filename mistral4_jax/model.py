@@ -1,0 +1,334 @@
+"""Mistral 4 text decoder as functional Flax (linen) modules.
+
+Every parameter is declared once, next to its use, with its shape and logical axis names; the
+layers are stacked ([layers, ...] leading axis) and applied with `nn.scan`, so compile time does not
+grow with depth. Storage dtype (`param_dtype`) and compute dtype (`dtype`) are separate: on CPU compute
+in float32 whatever the weights are stored in.
+
+Einsum letters: B batch, T query tokens, S key positions, D hidden, N heads, Q q_lora rank,
+L kv_lora rank (the latent), P nope dims, R rope dims, H = P + R, V value dims, E experts, K top-k,
+F expert hidden, I dense hidden, X vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Mistral4Config, yarn_get_mscale
+
+Array = jax.Array
+_NEG_INF = -1e30
+
+
+# --------------------------------------------------------------------------------------------- rope
+def rope_inv_freq(cfg: Mistral4Config) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [R/2] (float32) and the cos/sin attention factor, as HF computes them.
+
+    For "yarn", a linear ramp between the correction dims (from beta_fast/beta_slow) blends
+    extrapolated (`1/base_i`) and interpolated (`1/(factor*base_i)`) frequencies.
+    """
+    dim = cfg.qk_rope_head_dim
+    base = cfg.rope_theta
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    inv_extra = (1.0 / pos_freqs).astype(np.float32)
+    if cfg.rope_type == "default":
+        return inv_extra, 1.0
+    factor = cfg.rope_factor
+    inv_inter = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+
+    def correction_dim(num_rot: float) -> float:
+        return (dim * math.log(cfg.original_max_position_embeddings / (num_rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extra_factor = 1 - ramp
+    inv_freq = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+    if cfg.mscale and cfg.mscale_all_dim:
+        attn_factor = yarn_get_mscale(factor, cfg.mscale) / yarn_get_mscale(factor, cfg.mscale_all_dim)
+    else:
+        attn_factor = yarn_get_mscale(factor)
+    return inv_freq.astype(np.float32), float(attn_factor)
+
+
+def rope_cos_sin(cfg: Mistral4Config, positions: Array) -> tuple[Array, Array]:
+    """cos, sin [B, T, R/2] (float32) for integer positions [B, T]."""
+    inv_freq, attn_factor = rope_inv_freq(cfg)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
+
+
+def apply_rope(x: Array, cos: Array, sin: Array, interleave: bool) -> Array:
+    """Rotate the last axis (R rope dims) of x; cos/sin [..., R/2] broadcast against x[..., :R/2].
+
+    interleave=True rotates the pairs (x[2i], x[2i+1]) and writes the result de-interleaved
+    (all rotated evens, then all rotated odds), as HF's `apply_rotary_pos_emb_interleave`;
+    interleave=False rotates (x[i], x[i + R/2]) ("rotate half").
+    """
+    half = x.shape[-1] // 2
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def llama4_query_scale(cfg: Mistral4Config, positions: Array) -> Array:
+    """Per-position query multiplier [B, T]: 1 + beta * ln(1 + floor(pos / original_max_position_embeddings))."""
+    if not cfg.llama_4_scaling_beta:
+        return jnp.ones(positions.shape, jnp.float32)
+    p = positions.astype(jnp.float32)
+    return 1 + cfg.llama_4_scaling_beta * jnp.log1p(jnp.floor(p / cfg.original_max_position_embeddings))
+
+
+# ------------------------------------------------------------------------------------------- router
+def route(logits: Array, cfg: Mistral4Config) -> tuple[Array, Array]:
+    """Group-limited top-k softmax router, as HF's `Mistral4TopkRouter`.
+
+    logits [T, E] -> (weights [T, K] in logits' dtype, expert ids [T, K] int32).
+    """
+    scores = jax.nn.softmax(logits, axis=-1)
+    choice = scores
+    if cfg.n_group > 1:
+        t, e = scores.shape
+        grouped = scores.reshape(t, cfg.n_group, e // cfg.n_group)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)  # [T, topk_group]
+        keep = jnp.any(top_groups[..., None] == jnp.arange(cfg.n_group), axis=-2)  # [T, G]
+        keep = jnp.repeat(keep, e // cfg.n_group, axis=-1)  # [T, E]
+        choice = jnp.where(keep, scores, 0.0)
+    _, ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------ experts
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+CAPACITY_FACTORS = (1.25, 2.0)
+"""Capacity tiers of the grouped expert computation; a step whose busiest expert overflows every tier
+falls back to capacity T (every token fits), so no token is ever dropped."""
+
+
+def routed_experts(
+    x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, first_expert: Array | int = 0
+) -> Array:
+    """Weighted sum of the chosen experts' gated MLPs, dropping no token.
+
+    x [T, D]; ids, weights [T, K]; gate, up [E, D, F]; down [E, F, D] -> [T, D] (x's dtype).
+    The experts held here are `first_expert .. first_expert + E - 1` (all of them unless sharded);
+    assignments to other experts contribute zero.
+
+    Few assignments (decode): gather the chosen experts' weights per token. Many (prefill): group the
+    token copies by expert into a [E, C, D] batch and run one batched einsum per matrix; C is the
+    smallest capacity tier that holds the busiest expert (chosen on device with `lax.cond`).
+    """
+    t, k = ids.shape
+    e = gate.shape[0]
+    local = ids - first_expert
+    valid = (local >= 0) & (local < e)
+    local = jnp.where(valid, local, 0)
+    weights = jnp.where(valid, weights, 0).astype(x.dtype)
+    if t * k <= e:
+        g, u, d = gate[local], up[local], down[local]  # [T, K, D, F], [T, K, F, D]
+        h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x, g)) * jnp.einsum("td,tkdf->tkf", x, u)
+        return jnp.einsum("tkf,tkfd,tk->td", h, d, weights)
+
+    flat = jnp.where(valid, local, e).reshape(-1)  # [T*K]; e = "not here"
+    onehot = (flat[:, None] == jnp.arange(e)).astype(jnp.int32)  # [T*K, E]
+    rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), jnp.minimum(flat, e - 1)[:, None], axis=1)[:, 0] - 1
+    busiest = onehot.sum(0).max()
+
+    def grouped(capacity: int) -> Array:
+        slot = jnp.where(flat < e, flat * capacity + rank, e * capacity)  # [T*K]; e*C = dropped
+        token_of_slot = jnp.full((e * capacity,), t, jnp.int32).at[slot].set(
+            jnp.arange(t * k, dtype=jnp.int32) // k, mode="drop"
+        )
+        xe = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[token_of_slot].reshape(e, capacity, -1)
+        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, gate)) * jnp.einsum("ecd,edf->ecf", xe, up)
+        ye = jnp.einsum("ecf,efd->ecd", h, down).reshape(e * capacity, -1)
+        ye = jnp.concatenate([ye, jnp.zeros((1, ye.shape[1]), ye.dtype)])
+        return jnp.einsum("tkd,tk->td", ye[slot].reshape(t, k, -1), weights)
+
+    tiers = sorted({min(t, _round_up(math.ceil(f * t * k / e), 8)) for f in CAPACITY_FACTORS} | {t})
+
+    def from_tier(i: int) -> Array:
+        if i == len(tiers) - 1:
+            return grouped(tiers[i])
+        return jax.lax.cond(busiest <= tiers[i], lambda: grouped(tiers[i]), lambda: from_tier(i + 1))
+
+    return from_tier(0)
+
+
+# ------------------------------------------------------------------------------------------ modules
+def _normal(std: float = 0.02):
+    return nn.initializers.normal(stddev=std)
+
+
+class _Base(nn.Module):
+    """Shared helpers: `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+
+    cfg: Mistral4Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def weight(self, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=None) -> Array:
+        init = _normal() if init is None else init
+        w = self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+        return jnp.asarray(w).astype(self.dtype)
+
+
+class RMSNorm(_Base):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast to the compute dtype, times `scale`."""
+
+    eps: float = 1e-6
+    axis: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.weight("scale", (self.axis,), (x.shape[-1],), nn.initializers.ones)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * y.astype(self.dtype)
+
+
+class MLP(_Base):
+    """Gated SiLU MLP: down(silu(gate x) * up x); x [..., D] -> [..., D]."""
+
+    width: int = 0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = self.cfg.hidden_size
+        gate = self.weight("gate_proj", ("embed", "mlp"), (d, self.width))
+        up = self.weight("up_proj", ("embed", "mlp"), (d, self.width))
+        down = self.weight("down_proj", ("mlp", "embed"), (self.width, d))
+        return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+class MLA(_Base):
+    """Multi-head latent attention (low-rank q and kv, one shared rope key), expanded per head.
+
+    x [B, T, D], cos/sin [B, T, R/2], qscale [B, T], mask [B, T, S] (True = may attend) -> [B, T, D].
+    """
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array) -> Array:
+        c = self.cfg
+        d, n, p, r, v, lat = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        norm = functools.partial(RMSNorm, c, self.dtype, self.param_dtype, 1e-6)
+        if c.q_lora_rank:
+            q = x @ self.weight("q_a_proj", ("embed", "q_lora"), (d, c.q_lora_rank))
+            q = norm(axis="q_lora", name="q_a_norm")(q)
+            q = jnp.einsum("btq,qnh->btnh", q, self.weight("q_b_proj", ("q_lora", "heads", "qk_dim"), (c.q_lora_rank, n, p + r)))
+        else:
+            q = jnp.einsum("btd,dnh->btnh", x, self.weight("q_proj", ("embed", "heads", "qk_dim"), (d, n, p + r)))
+        q_nope, q_rope = q[..., :p], q[..., p:]
+        kv = x @ self.weight("kv_a_proj", ("embed", "kv_lora_rope"), (d, lat + r))
+        latent = norm(axis="kv_lora", name="kv_a_norm")(kv[..., :lat])  # [B, S, L]
+        k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, S, R]
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], c.rope_interleave)  # [B, T, N, R]
+        k_nope = jnp.einsum("bsl,lnp->bsnp", latent, self.weight("k_b_proj", ("kv_lora", "heads", "qk_nope_dim"), (lat, n, p)))
+        values = jnp.einsum("bsl,lnv->bsnv", latent, self.weight("v_b_proj", ("kv_lora", "heads", "v_dim"), (lat, n, v)))
+        scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
+        scores = scores.astype(jnp.float32) * (qscale[:, None, :, None] * c.softmax_scale)
+        scores = jnp.where(mask[:, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bnts,bsnv->btnv", probs, values)
+        return jnp.einsum("btnv,nvd->btd", out, self.weight("o_proj", ("heads", "v_dim", "embed"), (n, v, d)))
+
+
+class MoE(_Base):
+    """Routed experts (fused [E, ...] arrays) plus the shared expert; x [B, T, D] -> ([B, T, D], ids [B, T, K])."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        c = self.cfg
+        d, e, f = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
+        b, t, _ = x.shape
+        router = self.weight("router", ("embed", "router_experts"), (d, e))
+        weights, ids = route((x @ router).reshape(b * t, e), c)
+        gate = self.weight("experts_gate", ("experts", "embed", "expert_mlp"), (e, d, f))
+        up = self.weight("experts_up", ("experts", "embed", "expert_mlp"), (e, d, f))
+        down = self.weight("experts_down", ("experts", "expert_mlp", "embed"), (e, f, d))
+        y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down).reshape(b, t, d)
+        y = y + MLP(c, self.dtype, self.param_dtype, width=c.shared_intermediate_size, name="shared_expert")(x)
+        return y, ids.reshape(b, t, -1)
+
+
+class DecoderLayer(_Base):
+    """h + attn(norm(h)), then + ffn(norm(h)); scanned over stacked layers. Outputs routed expert ids."""
+
+    moe: bool = True
+
+    @nn.compact
+    def __call__(self, h: Array, cos: Array, sin: Array, qscale: Array, mask: Array):
+        c = self.cfg
+        norm = functools.partial(RMSNorm, c, self.dtype, self.param_dtype, c.rms_norm_eps)
+        h = h + MLA(c, self.dtype, self.param_dtype, name="attn")(norm(name="input_norm")(h), cos, sin, qscale, mask)
+        x = norm(name="post_attn_norm")(h)
+        if self.moe:
+            y, ids = MoE(c, self.dtype, self.param_dtype, name="moe")(x)
+        else:
+            y, ids = MLP(c, self.dtype, self.param_dtype, width=c.intermediate_size, name="mlp")(x), None
+        return h + y, ids
+
+
+class Mistral4Model(_Base):
+    """Embedding, `first_k_dense_replace` dense layers, the MoE layers, final norm and lm_head.
+
+    input_ids, positions [B, T] int; key_valid [B, T] bool (False = padding). With `last_only`, only
+    the last position's logits are computed. Returns (logits [B, T or 1, X] float32,
+    expert ids [num_moe_layers, B, T, K] or None).
+    """
+
+    @nn.compact
+    def __call__(self, input_ids: Array, positions: Array, key_valid: Array, last_only: bool = False):
+        c = self.cfg
+        embed = self.param(
+            "embed", nn.with_logical_partitioning(_normal(), ("vocab", "embed")), (c.vocab_size, c.hidden_size), self.param_dtype
+        )
+        h = jnp.take(jnp.asarray(embed), input_ids, axis=0).astype(self.dtype)
+        cos, sin = rope_cos_sin(c, positions)
+        qscale = llama4_query_scale(c, positions)
+        t = input_ids.shape[1]
+        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
+        mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+        ids = None
+        for name, n, moe in (("layers_dense", c.first_k_dense_replace, False), ("layers_moe", c.num_moe_layers, True)):
+            if n == 0:
+                continue
+            stack = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 4,
+                length=n,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            h, out = stack(c, self.dtype, self.param_dtype, moe=moe, name=name)(h, cos, sin, qscale, mask)
+            ids = out if moe else ids
+        if last_only:
+            h = h[:, -1:]
+        h = RMSNorm(c, self.dtype, self.param_dtype, c.rms_norm_eps, name="final_norm")(h)
+        if c.tie_word_embeddings:
+            head = jnp.asarray(embed).astype(self.dtype).T
+        else:
+            head = self.weight("lm_head", ("embed", "vocab"), (c.hidden_size, c.vocab_size))
+        return (h @ head).astype(jnp.float32), ids
