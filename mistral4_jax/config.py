@@ -250,6 +250,24 @@ class Mistral4Config:
             d["eos_token_id"] = list(d["eos_token_id"])
         return d
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """An HF `mistral4` config dict for this architecture (for building reference models in tests/demos)."""
+        names = {f.name for f in dataclasses.fields(HFFields)}
+        d = {k: v for k, v in self.to_dict().items() if k in names}
+        d.update(
+            model_type="mistral4",
+            num_key_value_heads=self.num_attention_heads,
+            head_dim=self.qk_head_dim,
+            rope_parameters={
+                "rope_type": self.rope_type, "rope_theta": self.rope_theta, "factor": self.rope_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings,
+                "beta_fast": self.beta_fast, "beta_slow": self.beta_slow, "mscale": self.mscale,
+                "mscale_all_dim": self.mscale_all_dim, "llama_4_scaling_beta": self.llama_4_scaling_beta,
+                "truncate": self.rope_truncate,
+            },
+        )
+        return d
+
     def replace(self, **changes: Any) -> Mistral4Config:
         """A copy with some fields changed (softmax_scale is recomputed unless given)."""
         if "softmax_scale" not in changes:
@@ -262,3 +280,35 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclasses.dataclass
+class HFFields:
+    """The fields that HF's `Mistral4Config` shares with ours under the same name."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_shared_experts: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    first_k_dense_replace: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rms_norm_eps: float
+    rope_interleave: bool
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int
+    eos_token_id: Any
+    pad_token_id: int

@@ -181,17 +181,49 @@ def _normal(std: float = 0.02):
     return nn.initializers.normal(stddev=std)
 
 
+FP8_WEIGHTS = frozenset({
+    "q_a_proj", "q_b_proj", "q_proj", "kv_a_proj", "k_b_proj", "v_b_proj", "o_proj",
+    "gate_proj", "up_proj", "down_proj", "experts_gate", "experts_up", "experts_down",
+})
+"""Weights stored as float8_e4m3fn when `param_dtype` is FP8 (norms, router, embedding, lm_head stay float)."""
+
+
+def fp8_scale_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the float32 scale stored beside FP8 weight `name`: per expert [E, 1, 1] or per tensor [1, ...]."""
+    return (shape[0],) + (1,) * (len(shape) - 1) if name.startswith("experts_") else (1,) * len(shape)
+
+
+def is_fp8(dtype: Any) -> bool:
+    return jnp.dtype(dtype) == jnp.float8_e4m3fn
+
+
 class _Base(nn.Module):
-    """Shared helpers: `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+    """Shared helpers: `dtype` is the compute dtype, `param_dtype` the storage dtype.
+
+    With an FP8 `param_dtype`, the weights in `FP8_WEIGHTS` are stored as float8_e4m3fn with a float32
+    `<name>_scale` beside them (dequantised on use: `float(w) * scale`); all others are stored in bfloat16.
+    """
 
     cfg: Mistral4Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def storage_dtype(self, name: str) -> Any:
+        return jnp.bfloat16 if is_fp8(self.param_dtype) and name not in FP8_WEIGHTS else self.param_dtype
+
     def weight(self, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=None) -> Array:
         init = _normal() if init is None else init
-        w = self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
-        return jnp.asarray(w).astype(self.dtype)
+        fp8 = is_fp8(self.param_dtype)
+        w = jnp.asarray(self.param(name, nn.with_logical_partitioning(init, axes), shape, self.storage_dtype(name)))
+        w = w.astype(self.dtype)
+        if fp8 and name in FP8_WEIGHTS:
+            scale_axes = tuple(a if n > 1 else None for a, n in zip(axes, fp8_scale_shape(name, shape)))
+            scale = self.param(
+                name + "_scale", nn.with_logical_partitioning(nn.initializers.ones, scale_axes),
+                fp8_scale_shape(name, shape), jnp.float32,
+            )
+            w = w * jnp.asarray(scale).astype(self.dtype)
+        return w
 
 
 class RMSNorm(_Base):
@@ -302,7 +334,8 @@ class Mistral4Model(_Base):
     def __call__(self, input_ids: Array, positions: Array, key_valid: Array, last_only: bool = False):
         c = self.cfg
         embed = self.param(
-            "embed", nn.with_logical_partitioning(_normal(), ("vocab", "embed")), (c.vocab_size, c.hidden_size), self.param_dtype
+            "embed", nn.with_logical_partitioning(_normal(), ("vocab", "embed")), (c.vocab_size, c.hidden_size),
+            self.storage_dtype("embed"),
         )
         h = jnp.take(jnp.asarray(embed), input_ids, axis=0).astype(self.dtype)
         cos, sin = rope_cos_sin(c, positions)
