@@ -1,0 +1,75 @@
+"""Test helpers: tiny random HF reference models (transformers, float32) and logit comparisons."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from mistral4_jax import Mistral4Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = Mistral4Config.from_json(os.path.join(REPO, "configs", "tiny.json"))
+
+LOGIT_ATOL = 1e-3
+KL_MAX = 1e-5
+
+
+def hf_config(cfg: Mistral4Config, **extra: Any) -> transformers.Mistral4Config:
+    d = cfg.to_hf_dict()
+    d.update(initializer_range=0.1, **extra)
+    return transformers.Mistral4Config(**d)
+
+
+def make_hf_model(cfg: Mistral4Config, seed: int = 0) -> transformers.Mistral4ForCausalLM:
+    """A random float32 Mistral4ForCausalLM for `cfg`, with norms perturbed so their weights matter."""
+    torch.manual_seed(seed)
+    model = transformers.Mistral4ForCausalLM(hf_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model: transformers.PreTrainedModel, directory: str) -> str:
+    model.save_pretrained(directory)
+    return directory
+
+
+def router_choices(model: transformers.Mistral4ForCausalLM) -> tuple[list, Any]:
+    """Register hooks that record each MoE router's top-k expert ids; returns (records, remove_fn)."""
+    records: list[np.ndarray] = []
+    handles = []
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if isinstance(gate, torch.nn.Module) and hasattr(gate, "top_k"):
+            handles.append(gate.register_forward_hook(lambda m, i, o: records.append(o[2].detach().numpy())))
+    return records, lambda: [h.remove() for h in handles]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def kl_per_token(ref: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """KL(p_ref || p_ours) for each position: [..., vocab] -> [...]."""
+    lr, lo = log_softmax(ref), log_softmax(ours)
+    return (np.exp(lr) * (lr - lo)).sum(-1)
+
+
+def assert_logits_close(ref: np.ndarray, ours: np.ndarray, valid: np.ndarray | None = None) -> None:
+    """Per token: max |Δlogit| ≤ 1e-3 and KL(p_ref || p_ours) ≤ 1e-5 (only where `valid`)."""
+    assert ref.shape == ours.shape, (ref.shape, ours.shape)
+    if valid is not None:
+        ref, ours = ref[valid.astype(bool)], ours[valid.astype(bool)]
+    diff = np.abs(ref - ours).max(-1)
+    kl = kl_per_token(ref, ours)
+    assert diff.max() <= LOGIT_ATOL, f"max |Δlogit| {diff.max():.3g} > {LOGIT_ATOL} (token {int(diff.argmax())})"
+    assert kl.max() <= KL_MAX, f"max KL {kl.max():.3g} > {KL_MAX}"
+    assert np.abs(ref).max() > 0.1, "reference logits are ~0: the comparison would be vacuous"
