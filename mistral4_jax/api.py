@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Mistral4Config
-from .model import Mistral4Model
+from . import model as M
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,32 @@ class Mistral4:
     """A loaded Mistral 4 text model: config, parameters (a pytree of jax arrays) and jitted functions.
 
     `dtype` is the storage dtype of the parameters, `compute_dtype` the dtype of activations.
+    `layer_loop`: "scan" runs the stacked layers under `lax.scan` (compile time flat in depth; the
+    default), "unroll" unstacks them into per-layer arrays and unrolls the loop (faster weight reads
+    on CPU decode, compile time grows with depth).
     """
 
-    def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None) -> None:
+    def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
+                 mesh: Any = None, layer_loop: str = "scan") -> None:
+        if layer_loop not in ("scan", "unroll"):
+            raise ValueError(f"layer_loop must be 'scan' or 'unroll', got {layer_loop!r}")
         self.config = config
-        self.params = params
+        self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.dtype = resolve_dtype(dtype)
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
-        self.module = Mistral4Model(config, dtype=self.compute_dtype, param_dtype=self.dtype)
+        self.mesh = mesh
+        self.layer_loop = layer_loop
         self._forward = jax.jit(self._forward_impl, static_argnames=("last_only",))
+
+    def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
+        """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code)."""
+        return M.forward(params, self.config, input_ids, positions, key_valid, dtype=self.compute_dtype,
+                         param_dtype=self.dtype, mesh=self.mesh, **kwargs)
 
     def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False):
         positions = positions_from_mask(attention_mask)
-        return self.module.apply({"params": params}, input_ids, positions, attention_mask.astype(bool), last_only)
+        logits, expert_ids, _ = self.apply(params, input_ids, positions, attention_mask.astype(bool), last_only=last_only)
+        return logits, expert_ids
 
     def _check_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(input_ids)

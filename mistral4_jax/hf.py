@@ -207,9 +207,13 @@ def read_globals(r: HFReader, cfg: Mistral4Config) -> dict[str, Any]:
 
 def layer_groups(cfg: Mistral4Config) -> list[tuple[str, range]]:
     """Our stacked layer groups and the HF layer indices each holds."""
-    k = cfg.first_k_dense_replace
-    groups = [("layers_dense", range(0, k)), ("layers_moe", range(k, cfg.num_hidden_layers))]
-    return [(name, idx) for name, idx in groups if len(idx)]
+    from .model import layer_groups as groups
+
+    out, start = [], 0
+    for name, n, _ in groups(cfg):
+        out.append((name, range(start, start + n)))
+        start += n
+    return out
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")

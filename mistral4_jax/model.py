@@ -1,8 +1,8 @@
 """Mistral 4 text decoder as functional Flax (linen) modules.
 
 Every parameter is declared once, next to its use, with its shape and logical axis names; the
-layers are stacked ([layers, ...] leading axis) and applied with `nn.scan`, so compile time does not
-grow with depth. Storage dtype (`param_dtype`) and compute dtype (`dtype`) are separate: on CPU compute
+layers are stacked ([layers, ...] leading axis) and applied with `lax.scan`, so compile time does not
+grow with depth. `forward` is a pure function of the parameter tree (built from the modules' `apply`). Storage dtype (`param_dtype`) and compute dtype (`dtype`) are separate: on CPU compute
 in float32 whatever the weights are stored in.
 
 Einsum letters: B batch, T query tokens, S key positions, D hidden, N heads, Q q_lora rank,
@@ -198,7 +198,8 @@ def is_fp8(dtype: Any) -> bool:
 
 
 class _Base(nn.Module):
-    """Shared helpers: `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    """Shared helpers: `dtype` is the compute dtype, `param_dtype` the storage dtype, `mesh` (or None)
+    the device mesh that the MoE shards its experts over.
 
     With an FP8 `param_dtype`, the weights in `FP8_WEIGHTS` are stored as float8_e4m3fn with a float32
     `<name>_scale` beside them (dequantised on use: `float(w) * scale`); all others are stored in bfloat16.
@@ -207,6 +208,7 @@ class _Base(nn.Module):
     cfg: Mistral4Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    mesh: Any = None
 
     def storage_dtype(self, name: str) -> Any:
         return jnp.bfloat16 if is_fp8(self.param_dtype) and name not in FP8_WEIGHTS else self.param_dtype
@@ -254,36 +256,58 @@ class MLP(_Base):
         return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
-class MLA(_Base):
-    """Multi-head latent attention (low-rank q and kv, one shared rope key), expanded per head.
+def _attend(scores: Array, scale: Array, mask: Array, dtype: Any) -> Array:
+    """Masked softmax in float32: scores [B, N, T, S], scale [B, 1, T, 1], mask [B, T, S] -> probs (dtype)."""
+    scores = jnp.where(mask[:, None], scores.astype(jnp.float32) * scale, _NEG_INF)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
-    x [B, T, D], cos/sin [B, T, R/2], qscale [B, T], mask [B, T, S] (True = may attend) -> [B, T, D].
+
+class MLA(_Base):
+    """Multi-head latent attention: low-rank q and kv, one rope key shared by all heads.
+
+    x [B, T, D], cos/sin [B, T, R/2], qscale [B, T] -> ([B, T, D], cache).
+    Without `decode`: attention among the T new tokens, expanded per head (mask [B, T, T]).
+    With `decode`: attention over the whole latent cache (mask [B, T, S]) with `kv_b_proj` absorbed into
+    the query (scores) and the output (values), never expanding the cache per head.
+    `cache` = (latent [B, S, L], k_rope [B, S, R]) or None; the new tokens are written at slot `index`.
     """
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array,
+                 cache: tuple[Array, Array] | None = None, index: Array | int = 0, decode: bool = False):
         c = self.cfg
         d, n, p, r, v, lat = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
-        norm = functools.partial(RMSNorm, c, self.dtype, self.param_dtype, 1e-6)
+        norm = functools.partial(RMSNorm, c, self.dtype, self.param_dtype, None, 1e-6)
         if c.q_lora_rank:
             q = x @ self.weight("q_a_proj", ("embed", "q_lora"), (d, c.q_lora_rank))
             q = norm(axis="q_lora", name="q_a_norm")(q)
             q = jnp.einsum("btq,qnh->btnh", q, self.weight("q_b_proj", ("q_lora", "heads", "qk_dim"), (c.q_lora_rank, n, p + r)))
         else:
             q = jnp.einsum("btd,dnh->btnh", x, self.weight("q_proj", ("embed", "heads", "qk_dim"), (d, n, p + r)))
-        q_nope, q_rope = q[..., :p], q[..., p:]
+        q_nope = q[..., :p]
+        q_rope = apply_rope(q[..., p:], cos[:, :, None], sin[:, :, None], c.rope_interleave)  # [B, T, N, R]
         kv = x @ self.weight("kv_a_proj", ("embed", "kv_lora_rope"), (d, lat + r))
-        latent = norm(axis="kv_lora", name="kv_a_norm")(kv[..., :lat])  # [B, S, L]
-        k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, S, R]
-        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], c.rope_interleave)  # [B, T, N, R]
-        k_nope = jnp.einsum("bsl,lnp->bsnp", latent, self.weight("k_b_proj", ("kv_lora", "heads", "qk_nope_dim"), (lat, n, p)))
-        values = jnp.einsum("bsl,lnv->bsnv", latent, self.weight("v_b_proj", ("kv_lora", "heads", "v_dim"), (lat, n, v)))
-        scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
-        scores = scores.astype(jnp.float32) * (qscale[:, None, :, None] * c.softmax_scale)
-        scores = jnp.where(mask[:, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnts,bsnv->btnv", probs, values)
-        return jnp.einsum("btnv,nvd->btd", out, self.weight("o_proj", ("heads", "v_dim", "embed"), (n, v, d)))
+        latent = norm(axis="kv_lora", name="kv_a_norm")(kv[..., :lat])  # [B, T, L]
+        k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, T, R]
+        k_b = self.weight("k_b_proj", ("kv_lora", "heads", "qk_nope_dim"), (lat, n, p))
+        v_b = self.weight("v_b_proj", ("kv_lora", "heads", "v_dim"), (lat, n, v))
+        scale = qscale[:, None, :, None] * c.softmax_scale
+        if cache is not None:
+            cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], latent.astype(cache[0].dtype), index, axis=1),
+                     jax.lax.dynamic_update_slice_in_dim(cache[1], k_rope.astype(cache[1].dtype), index, axis=1))
+        if decode:
+            assert cache is not None, "decode attends over a cache"
+            lat_s, rope_s = cache[0].astype(self.dtype), cache[1].astype(self.dtype)  # [B, S, L], [B, S, R]
+            q_lat = jnp.einsum("btnp,lnp->btnl", q_nope, k_b)
+            scores = jnp.einsum("btnl,bsl->bnts", q_lat, lat_s) + jnp.einsum("btnr,bsr->bnts", q_rope, rope_s)
+            ctx = jnp.einsum("bnts,bsl->btnl", _attend(scores, scale, mask, self.dtype), lat_s)
+            out = jnp.einsum("btnl,lnv->btnv", ctx, v_b)
+        else:
+            k_nope = jnp.einsum("bsl,lnp->bsnp", latent, k_b)
+            values = jnp.einsum("bsl,lnv->bsnv", latent, v_b)
+            scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
+            out = jnp.einsum("bnts,bsnv->btnv", _attend(scores, scale, mask, self.dtype), values)
+        return jnp.einsum("btnv,nvd->btd", out, self.weight("o_proj", ("heads", "v_dim", "embed"), (n, v, d))), cache
 
 
 class MoE(_Base):
@@ -299,69 +323,189 @@ class MoE(_Base):
         gate = self.weight("experts_gate", ("experts", "embed", "expert_mlp"), (e, d, f))
         up = self.weight("experts_up", ("experts", "embed", "expert_mlp"), (e, d, f))
         down = self.weight("experts_down", ("experts", "expert_mlp", "embed"), (e, f, d))
-        y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down).reshape(b, t, d)
-        y = y + MLP(c, self.dtype, self.param_dtype, width=c.shared_intermediate_size, name="shared_expert")(x)
+        if self.mesh is not None:
+            from .sharding import sharded_routed_experts
+
+            y = sharded_routed_experts(self.mesh, x.reshape(b * t, d), ids, weights, gate, up, down)
+        else:
+            y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down)
+        y = y.reshape(b, t, d)
+        y = y + MLP(c, self.dtype, self.param_dtype, self.mesh, width=c.shared_intermediate_size, name="shared_expert")(x)
         return y, ids.reshape(b, t, -1)
 
 
 class DecoderLayer(_Base):
-    """h + attn(norm(h)), then + ffn(norm(h)); scanned over stacked layers. Outputs routed expert ids."""
+    """h + attn(norm(h)), then + ffn(norm(h)). Returns (h, (routed expert ids or None, cache))."""
 
     moe: bool = True
 
     @nn.compact
-    def __call__(self, h: Array, cos: Array, sin: Array, qscale: Array, mask: Array):
+    def __call__(self, h: Array, cos: Array, sin: Array, qscale: Array, mask: Array,
+                 cache: tuple[Array, Array] | None = None, index: Array | int = 0, decode: bool = False):
         c = self.cfg
-        norm = functools.partial(RMSNorm, c, self.dtype, self.param_dtype, c.rms_norm_eps)
-        h = h + MLA(c, self.dtype, self.param_dtype, name="attn")(norm(name="input_norm")(h), cos, sin, qscale, mask)
+        sub = (c, self.dtype, self.param_dtype, self.mesh)
+        norm = functools.partial(RMSNorm, *sub, c.rms_norm_eps)
+        a, cache = MLA(*sub, name="attn")(norm(name="input_norm")(h), cos, sin, qscale, mask, cache, index, decode)
+        h = h + a
         x = norm(name="post_attn_norm")(h)
         if self.moe:
-            y, ids = MoE(c, self.dtype, self.param_dtype, name="moe")(x)
+            y, ids = MoE(*sub, name="moe")(x)
         else:
-            y, ids = MLP(c, self.dtype, self.param_dtype, width=c.intermediate_size, name="mlp")(x), None
-        return h + y, ids
+            y, ids = MLP(*sub, width=c.intermediate_size, name="mlp")(x), None
+        return h + y, (ids, cache)
 
 
-class Mistral4Model(_Base):
-    """Embedding, `first_k_dense_replace` dense layers, the MoE layers, final norm and lm_head.
+# --------------------------------------------------------------------------------- parameter tree
+def layer_groups(cfg: Mistral4Config) -> list[tuple[str, int, bool]]:
+    """(name, number of layers, is_moe) of each stacked layer group, in order."""
+    groups = [("layers_dense", cfg.first_k_dense_replace, False), ("layers_moe", cfg.num_moe_layers, True)]
+    return [g for g in groups if g[1] > 0]
 
-    input_ids, positions [B, T] int; key_valid [B, T] bool (False = padding). With `last_only`, only
-    the last position's logits are computed. Returns (logits [B, T or 1, X] float32,
-    expert ids [num_moe_layers, B, T, K] or None).
+
+def _layer(cfg: Mistral4Config, moe: bool, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, mesh: Any = None) -> DecoderLayer:
+    return DecoderLayer(cfg, dtype, param_dtype, mesh, moe=moe)
+
+
+def _init_layer_boxed(cfg: Mistral4Config, moe: bool, param_dtype: Any, key: Array) -> Any:
+    x = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
+    cs = jnp.zeros((1, 1, cfg.qk_rope_head_dim // 2), jnp.float32)
+    return _layer(cfg, moe, param_dtype=param_dtype).init(key, x, cs, cs, jnp.ones((1, 1)), jnp.ones((1, 1, 1), bool))["params"]
+
+
+def _top_level_specs(cfg: Mistral4Config, param_dtype: Any) -> dict[str, tuple[tuple[int, ...], Any, tuple[str, ...]]]:
+    float_dtype = jnp.bfloat16 if is_fp8(param_dtype) else param_dtype
+    specs = {
+        "embed": ((cfg.vocab_size, cfg.hidden_size), float_dtype, ("vocab", "embed")),
+        "final_norm": ((cfg.hidden_size,), float_dtype, ("norm",)),
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ((cfg.hidden_size, cfg.vocab_size), float_dtype, ("embed", "vocab"))
+    return specs
+
+
+def param_axes(cfg: Mistral4Config, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Logical axis names of every parameter (a tree of tuples matching `abstract_params`)."""
+    out: dict[str, Any] = {}
+    for name, (_, _, axes) in _top_level_specs(cfg, param_dtype).items():
+        out[name] = {"scale": axes} if name == "final_norm" else axes
+    for name, _, moe in layer_groups(cfg):
+        boxed = jax.eval_shape(functools.partial(_init_layer_boxed, cfg, moe, param_dtype), jax.random.key(0))
+        specs = nn.get_partition_spec(boxed)
+        out[name] = jax.tree_util.tree_map(lambda s: ("layers", *s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    return out
+
+
+def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Random parameters (normal(0.02) weights, unit norms); layers stacked [layers, ...]."""
+    keys = jax.random.split(key, 8)
+    out: dict[str, Any] = {}
+    for i, (name, (shape, dtype, _)) in enumerate(_top_level_specs(cfg, param_dtype).items()):
+        if name == "final_norm":
+            out[name] = {"scale": jnp.ones(shape, dtype)}
+        else:
+            out[name] = (0.02 * jax.random.normal(keys[i], shape, jnp.float32)).astype(dtype)
+    for j, (name, n, moe) in enumerate(layer_groups(cfg)):
+        layer_keys = jax.random.split(keys[4 + j], n)
+        out[name] = nn.unbox(jax.vmap(functools.partial(_init_layer_boxed, cfg, moe, param_dtype))(layer_keys))
+    return out
+
+
+def abstract_params(cfg: Mistral4Config, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The parameter tree as `jax.ShapeDtypeStruct`s (nothing allocated)."""
+    return jax.eval_shape(functools.partial(init_params, cfg, param_dtype=param_dtype), jax.random.key(0))
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """Layer groups as lists of per-layer trees (for `layer_loop="unroll"`); other entries unchanged."""
+    out = dict(params)
+    for name in ("layers_dense", "layers_moe"):
+        if name in params and not isinstance(params[name], list):
+            n = jax.tree_util.tree_leaves(params[name])[0].shape[0]
+            out[name] = [jax.tree_util.tree_map(lambda x, i=i: x[i], params[name]) for i in range(n)]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- cache
+def init_cache(cfg: Mistral4Config, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """An empty latent KV cache: per layer group latent [Lg, B, S, L] and k_rope [Lg, B, S, R], plus
+    `valid` [B, S] (which slots hold real tokens). kv_lora + qk_rope numbers per token per layer."""
+    cache: dict[str, Any] = {"valid": jnp.zeros((batch, max_len), bool)}
+    for name, n, _ in layer_groups(cfg):
+        cache[name] = (jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),
+                       jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dtype))
+    return cache
+
+
+CACHE_AXES = {"valid": ("cache_batch", "cache_seq"),
+              "latent": ("layers", "cache_batch", "cache_seq", "kv_lora"),
+              "k_rope": ("layers", "cache_batch", "cache_seq", "rope_dim")}
+"""Logical axes of the cache arrays (the per-group (latent, k_rope) pair and `valid`)."""
+
+
+# ------------------------------------------------------------------------------------------ forward
+def forward(
+    params: dict[str, Any],
+    cfg: Mistral4Config,
+    input_ids: Array,
+    positions: Array,
+    key_valid: Array,
+    *,
+    cache: dict[str, Any] | None = None,
+    index: Array | int = 0,
+    decode: bool = False,
+    last_only: bool = False,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    mesh: Any = None,
+) -> tuple[Array, Array | None, dict[str, Any] | None]:
+    """The decoder: embed, layer groups, final norm, lm_head.
+
+    input_ids, positions [B, T] int; key_valid [B, T] bool (False = padding).
+    Without `decode` the T tokens attend among themselves (prefill); if `cache` is given they are also
+    written into it at slot `index`. With `decode` they are written at `index` and attend over the
+    whole cache (absorbed MLA). Layer groups stored stacked run under `lax.scan`; stored as lists
+    (see `unstack_layers`) they run as an unrolled loop.
+    Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
     """
+    embed = params["embed"]
+    h = jnp.take(embed, input_ids, axis=0).astype(dtype)
+    cos, sin = rope_cos_sin(cfg, positions)
+    qscale = llama4_query_scale(cfg, positions)
+    t = input_ids.shape[1]
+    if cache is not None:
+        cache = dict(cache)
+        cache["valid"] = jax.lax.dynamic_update_slice_in_dim(cache["valid"], key_valid, index, axis=1)
+    if decode:
+        s = cache["valid"].shape[1]
+        slot_ok = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+        mask = cache["valid"][:, None, :] & slot_ok[None]
+    else:
+        mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
+    expert_ids = None
+    for name, _, moe in layer_groups(cfg):
+        layer = _layer(cfg, moe, dtype, param_dtype, mesh)
+        group_cache = None if cache is None else cache[name]
 
-    @nn.compact
-    def __call__(self, input_ids: Array, positions: Array, key_valid: Array, last_only: bool = False):
-        c = self.cfg
-        embed = self.param(
-            "embed", nn.with_logical_partitioning(_normal(), ("vocab", "embed")), (c.vocab_size, c.hidden_size),
-            self.storage_dtype("embed"),
-        )
-        h = jnp.take(jnp.asarray(embed), input_ids, axis=0).astype(self.dtype)
-        cos, sin = rope_cos_sin(c, positions)
-        qscale = llama4_query_scale(c, positions)
-        t = input_ids.shape[1]
-        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
-        mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
-        ids = None
-        for name, n, moe in (("layers_dense", c.first_k_dense_replace, False), ("layers_moe", c.num_moe_layers, True)):
-            if n == 0:
-                continue
-            stack = nn.scan(
-                DecoderLayer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 4,
-                length=n,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            h, out = stack(c, self.dtype, self.param_dtype, moe=moe, name=name)(h, cos, sin, qscale, mask)
-            ids = out if moe else ids
-        if last_only:
-            h = h[:, -1:]
-        h = RMSNorm(c, self.dtype, self.param_dtype, c.rms_norm_eps, name="final_norm")(h)
-        if c.tie_word_embeddings:
-            head = jnp.asarray(embed).astype(self.dtype).T
+        def body(h, xs, layer=layer):
+            p, lc = xs
+            h, (ids, lc) = layer.apply({"params": p}, h, cos, sin, qscale, mask, lc, index, decode)
+            return h, (ids, lc)
+
+        if isinstance(params[name], list):
+            outs = []
+            for i, p in enumerate(params[name]):
+                lc = None if group_cache is None else (group_cache[0][i], group_cache[1][i])
+                h, out = body(h, (p, lc))
+                outs.append(out)
+            ids = None if not moe else jnp.stack([o[0] for o in outs])
+            new_cache = None if group_cache is None else tuple(jnp.stack([o[1][j] for o in outs]) for j in range(2))
         else:
-            head = self.weight("lm_head", ("embed", "vocab"), (c.hidden_size, c.vocab_size))
-        return (h @ head).astype(jnp.float32), ids
+            h, (ids, new_cache) = jax.lax.scan(body, h, (params[name], group_cache))
+        if cache is not None:
+            cache[name] = new_cache
+        expert_ids = ids if moe else expert_ids
+    if last_only:
+        h = h[:, -1:]
+    h = RMSNorm(cfg, dtype, param_dtype, None, cfg.rms_norm_eps).apply({"params": params["final_norm"]}, h)
+    head = embed.T if cfg.tie_word_embeddings else params["lm_head"]
+    return (h @ head.astype(dtype)).astype(jnp.float32), expert_ids, cache

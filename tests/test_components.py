@@ -11,7 +11,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.mistral4 import modeling_mistral4 as ref
 
 from mistral4_jax import Mistral4Config
-from mistral4_jax.model import Mistral4Model, apply_rope, llama4_query_scale, rope_cos_sin, rope_inv_freq, route
+from mistral4_jax.model import abstract_params, apply_rope, llama4_query_scale, param_axes, rope_cos_sin, rope_inv_freq, route
 from helpers import TINY, hf_config
 
 REAL = Mistral4Config()
@@ -118,22 +118,16 @@ def test_routed_experts_never_drop_tokens_under_imbalance():
 
 def test_real_config_shapes_and_logical_axes():
     """The full 119B parameter tree, abstractly (nothing allocated): shapes, count and axis names."""
-    import flax.linen as nn
-
-    model = Mistral4Model(REAL, param_dtype=jnp.bfloat16)
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
-                                                 jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool)))
-    params = nn.unbox(abstract)["params"]
+    params = abstract_params(REAL, jnp.bfloat16)
     count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     assert 118e9 < count < 120e9, count
     moe = params["layers_moe"]["moe"]
     assert moe["experts_gate"].shape == (36, 128, 4096, 2048)
     assert moe["experts_down"].shape == (36, 128, 2048, 4096)
-    specs = nn.get_partition_spec(abstract)["params"]
-    assert tuple(specs["layers_moe"]["moe"]["experts_gate"]) == ("layers", "experts", "embed", "expert_mlp")
-    assert tuple(specs["layers_moe"]["attn"]["q_b_proj"]) == ("layers", "q_lora", "heads", "qk_dim")
-    assert tuple(specs["lm_head"]) == ("embed", "vocab")
-    for leaf in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
-        assert all(a is not None for a in leaf), leaf
-    del ids
+    axes = param_axes(REAL, jnp.bfloat16)
+    assert jax.tree_util.tree_structure(axes, is_leaf=lambda x: isinstance(x, tuple)) == jax.tree_util.tree_structure(params)
+    assert tuple(axes["layers_moe"]["moe"]["experts_gate"]) == ("layers", "experts", "embed", "expert_mlp")
+    assert tuple(axes["layers_moe"]["attn"]["q_b_proj"]) == ("layers", "q_lora", "heads", "qk_dim")
+    assert tuple(axes["lm_head"]) == ("embed", "vocab")
+    for leaf, spec in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+        assert len(spec) == len(leaf.shape) and all(a is not None for a in spec), spec
