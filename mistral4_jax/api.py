@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -94,6 +95,44 @@ class Mistral4:
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """float32 logits [B, T, vocab] as a numpy array. input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = padding."""
         return np.asarray(self.forward(input_ids, attention_mask)[0])
+
+    @property
+    def generator(self):
+        """The compiled prefill/decode functions (built on first use, reused by every call)."""
+        if getattr(self, "_generator", None) is None:
+            from .generate import Generator
+
+            self._generator = Generator(self)
+        return self._generator
+
+    def _requests(self, prompts: Any, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                  min_p: float, seed: int | Sequence[int]) -> list:
+        from .generate import Request
+        from .sampling import SamplingParams
+
+        if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seed has {len(seeds)} entries for {len(prompts)} prompts")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return [Request(list(p), max_new_tokens, sampling, s) for p, s in zip(prompts, seeds)]
+
+    def generate(self, prompts: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, seed: int | Sequence[int] = 0,
+                 stop_token_ids: Sequence[int] | None = None) -> list:
+        """Generate for a batch of token-id prompts (lists of different lengths are fine).
+
+        temperature 0 is greedy; top_k 0 and top_p 1 and min_p 0 switch those filters off. `seed` is
+        one int (row i uses seed + i) or one per prompt; the same seed gives the same tokens.
+        stop_token_ids default to the config's eos ids. Returns one `Generation` (tokens without the
+        stop token, finish_reason "stop"/"length", prompt_tokens) per prompt, in order.
+        """
+        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed)
+        stops = self.config.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+        return self.generator.generate(requests, stops)
 
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))

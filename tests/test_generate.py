@@ -1,0 +1,129 @@
+"""Generation: greedy tokens equal transformers' generate; the latent cache / absorbed decode equals the
+expanded computation; stop tokens, budgets, seeds, streaming and bad input."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import mistral4_jax
+from mistral4_jax import model as M
+from helpers import TINY, make_hf_model, save_hf
+
+CFG = TINY.replace(original_max_position_embeddings=4)  # YaRN + query scaling active within the test lengths
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    hf = make_hf_model(CFG, seed=11)
+    save_hf(hf, str(d))
+    return hf, mistral4_jax.load(d)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, CFG.vocab_size, size=n).tolist() for n in (5, 13, 9)]
+
+
+def hf_greedy_batch(hf, prompts, new_tokens, eos):
+    """transformers' batched greedy generate with left padding (its position ids follow the mask)."""
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), CFG.pad_token_id)
+    mask = torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=eos, pad_token_id=CFG.pad_token_id)
+    return [row[t:].tolist() for row in out]
+
+
+def test_greedy_equals_transformers_generate(pair, prompts):
+    hf, model = pair
+    never = CFG.vocab_size - 1
+    ref = hf_greedy_batch(hf, prompts, 32, never)
+    ours = model.generate(prompts, max_new_tokens=32, stop_token_ids=[never])
+    for r, o in zip(ref, ours):
+        assert o.tokens == r[: len(o.tokens)] and len(o.tokens) == 32, (r, o.tokens)
+        assert o.finish_reason == "length"
+
+
+def test_absorbed_decode_equals_expanded_forward(pair, prompts):
+    """Prefill half a sequence into the cache, decode the rest token by token (absorbed MLA):
+    every logit equals the one-shot expanded forward."""
+    _, model = pair
+    seq = np.asarray(prompts[1] + prompts[2])[None]
+    full = model.logits(seq)[0]
+    t0, s = 7, seq.shape[1]
+    cache = M.init_cache(CFG, 1, s + 3)
+    pos = np.arange(s)[None]
+    logits, _, cache = model.apply(model.params, seq[:, :t0], pos[:, :t0], jnp.ones((1, t0), bool), cache=cache)
+    np.testing.assert_allclose(np.asarray(logits[0]), full[:t0], atol=1e-4)
+    for i in range(t0, s):
+        logits, _, cache = model.apply(model.params, seq[:, i:i + 1], pos[:, i:i + 1], jnp.ones((1, 1), bool),
+                                       cache=cache, index=i, decode=True)
+        np.testing.assert_allclose(np.asarray(logits[0, 0]), full[i], atol=1e-4)
+    # a decode step over several tokens at once is the same computation
+    cache2 = M.init_cache(CFG, 1, s)
+    _, _, cache2 = model.apply(model.params, seq[:, :t0], pos[:, :t0], jnp.ones((1, t0), bool), cache=cache2)
+    logits, _, _ = model.apply(model.params, seq[:, t0:], pos[:, t0:], jnp.ones((1, s - t0), bool),
+                               cache=cache2, index=t0, decode=True)
+    np.testing.assert_allclose(np.asarray(logits[0]), full[t0:], atol=1e-4)
+    assert cache["layers_moe"][0].shape == (CFG.num_moe_layers, 1, s + 3, CFG.kv_lora_rank)
+
+
+def test_stop_tokens_and_per_row_budgets(pair, prompts):
+    _, model = pair
+    free = model.generate(prompts, max_new_tokens=20, stop_token_ids=[CFG.vocab_size - 1])
+    stop = free[0].tokens[6]
+    first = free[0].tokens.index(stop)
+    res = model.generate(prompts, max_new_tokens=20, stop_token_ids=[stop, CFG.vocab_size - 1])
+    assert res[0].tokens == free[0].tokens[:first] and res[0].finish_reason == "stop"
+    for r, f in zip(res[1:], free[1:]):
+        cut = f.tokens.index(stop) if stop in f.tokens else 20
+        assert r.tokens == f.tokens[:cut]
+    short = model.generate(prompts[:2], max_new_tokens=3, stop_token_ids=[CFG.vocab_size - 1])
+    assert [len(r.tokens) for r in short] == [3, 3] and short[0].tokens == free[0].tokens[:3]
+
+
+def test_seeds_reproduce_and_streaming_matches(pair, prompts):
+    _, model = pair
+    kw = dict(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.9, stop_token_ids=[CFG.vocab_size - 1])
+    a = model.generate(prompts, seed=[1, 2, 3], **kw)
+    b = model.generate(prompts, seed=[1, 2, 3], **kw)
+    c = model.generate(prompts, seed=[4, 5, 6], **kw)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+    alone = model.generate([prompts[1]], seed=[2], **kw)  # a row does not depend on its batch
+    assert alone[0].tokens == a[1].tokens
+    gen = model.generator
+    from mistral4_jax.generate import Request
+    from mistral4_jax.sampling import SamplingParams
+
+    reqs = [Request(p, 24, SamplingParams(1.0, 50, 0.9), s) for p, s in zip(prompts, [1, 2, 3])]
+    chunks = list(gen.stream(reqs, [CFG.vocab_size - 1], chunk=5))
+    assert len(chunks) > 3
+    assert [sum((ch[i] for ch in chunks), []) for i in range(3)] == [r.tokens for r in a]
+
+
+def test_generation_bad_input(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="non-empty list"):
+        model.generate([])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate([[1, 2], []])
+    with pytest.raises(ValueError, match="outside"):
+        model.generate([[1, CFG.vocab_size]])
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate([[1, 2]], temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate([[1, 2]], top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate([[1, 2]], top_k=-3)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate([[1, 2]], max_new_tokens=CFG.max_position_embeddings)
