@@ -16,11 +16,14 @@ from . import model as M
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float8_e4m3fn": jnp.float8_e4m3fn}
 
 
 def resolve_dtype(dtype: Any, what: str = "dtype") -> Any:
-    """A jnp dtype from a name ("float32", "bfloat16", "float16") or a dtype."""
+    """A jnp dtype from a name ("float32", "bfloat16", "float16", "float8_e4m3fn") or a dtype.
+
+    "float8_e4m3fn" as a storage dtype means the model's FP8 format (FP8 weights with float32 scales).
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"{what} must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -138,20 +141,40 @@ class Mistral4:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 
 
-def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None) -> Mistral4:
-    """Load a model from an HF checkpoint directory (config.json + safetensors).
+def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
+         shardings: Any = None) -> Mistral4:
+    """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
+    checkpoint directory (config.json + safetensors).
 
-    dtype: storage dtype of the parameters ("float32", "bfloat16", "float16"); compute_dtype defaults
-    to float32 on CPU and to `dtype` elsewhere.
+    dtype: storage dtype of the parameters ("float32", "bfloat16", "float16", or "float8_e4m3fn" for the
+    FP8 weights of a checkpoint converted with `--dtype float8_e4m3fn`); a converted checkpoint is cast
+    (FP8 dequantised) while it is read. compute_dtype defaults to float32 on CPU and to `dtype` elsewhere
+    (bfloat16 for FP8 weights).
+    mesh: the device mesh the model runs on (passed to `Mistral4`). shardings: where each parameter is
+    placed while loading, as `checkpoint.restore_params` accepts (one `Sharding`, a tree of them, or a
+    callable (logical axes, ShapeDtypeStruct) -> Sharding); a converted checkpoint is restored straight
+    into them. Default: the default device.
     """
-    from . import hf
+    from . import checkpoint, hf
 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     jdtype = resolve_dtype(dtype)
-    config = Mistral4Config.from_json(os.path.join(path, "config.json"))
-    params = hf.read_params(path, config, np.dtype(jdtype))
+    if checkpoint.is_checkpoint(path):
+        config, params = checkpoint.restore_params(path, jdtype, shardings)
+    else:
+        if M.is_fp8(jdtype):
+            raise ValueError(f"{path}: FP8 weights load from a converted checkpoint: "
+                             f"run `mistral4-jax convert {path} DST --dtype float8_e4m3fn` first")
+        config = Mistral4Config.from_json(os.path.join(path, "config.json"))
+        params = hf.read_params(path, config, np.dtype(jdtype))
+        if shardings is None:
+            params = jax.device_put(params)
+        else:
+            abstract = M.abstract_params(config, jdtype)
+            params = jax.device_put(params, checkpoint.resolve_shardings(shardings, config, jdtype, abstract))
     log.info("loaded %s (%d layers) from %s", type(config).__name__, config.num_hidden_layers, path)
-    params = jax.device_put(params)
-    return Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype)
+    if compute_dtype is None and M.is_fp8(jdtype):
+        compute_dtype = default_compute_dtype(jnp.bfloat16)
+    return Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh)

@@ -1,0 +1,215 @@
+"""The conversion: plan every output array lazily (checking the whole source first), then write one
+piece (the globals, then one layer) at a time through `checkpoint.CheckpointWriter`.
+
+Peak memory is one layer in the output dtype plus one piece of source data (one expert, or a block of
+rows) and its float32 dequantisation: arrays are filled piece by piece in place.
+
+Output dtypes: "bfloat16" and "float32" hold exact values (float sources cast, FP8 sources dequantised as
+`float32(w) * scale`, then rounded to the output dtype). "float8_e4m3fn" is the model's FP8 storage:
+FP8 sources with per-tensor or per-expert scales are kept bit for bit with their scales (k_b_proj and
+v_b_proj share kv_b_proj's scale); float sources are quantised with a scale `amax / 448` per tensor
+(per expert for the routed experts); block-scaled FP8 sources are refused (convert those to bfloat16).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+import mistral4_jax
+from mistral4_jax import checkpoint as ckpt
+from mistral4_jax import hf
+from mistral4_jax import model as M
+
+from .cli import OUTPUT_DTYPES
+from .lazy import Lazy, LazyReader
+from .source import Source, open_source
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+KILL_AFTER_ENV = "MISTRAL4_JAX_CONVERT_KILL_AFTER"
+"""Testing hook: SIGKILL this process right after the N-th piece is written (before the journal records it)."""
+
+
+def plan(source: Source) -> dict[str, Any]:
+    """{piece: tree of lazy source tensors} for the whole checkpoint; every tensor's name, shape and dtype
+    is checked here, and every source tensor must be used (vision tensors aside)."""
+    cfg = source.config
+    r = LazyReader(source.index, source.path, source.fp8_block)
+    out: dict[str, Any] = {ckpt.GLOBALS: hf.read_globals(r, cfg)}
+    for group, idx in hf.layer_groups(cfg):
+        for j, i in enumerate(idx):
+            out[f"{group}/{j}"] = hf.read_layer(r, i, cfg)
+    hf.check_unexpected(r, cfg)
+    return out
+
+
+def _check(lazy: Any, target: dict[str, Any], where: str) -> None:
+    """Lazy tree vs target tree: same names and shapes; FP8 targets must be representable."""
+    for name, spec in target.items():
+        if name.endswith("_scale") and name[: -len("_scale")] in target:
+            continue
+        if name not in lazy:
+            raise ValueError(f"internal error: {where}/{name} is not produced from the source")
+        if isinstance(spec, dict):
+            _check(lazy[name], spec, f"{where}/{name}")
+            continue
+        leaf = lazy[name]
+        if tuple(leaf.shape) != tuple(spec.shape):
+            raise ValueError(f"internal error: {where}/{name} is {leaf.shape} from the source, the model expects {spec.shape}")
+        if name + "_scale" in target and leaf.is_fp8:
+            for t in leaf.sources:
+                kind = "block-scaled FP8" if t.block_scale() else t.dtype.name
+                if t.dtype != np.dtype(ml_dtypes.float8_e4m3fn) or t.block_scale() is not None:
+                    raise ValueError(f"tensor {t.name!r}: {kind} cannot be kept as the model's FP8 storage "
+                                     "(float8_e4m3fn, one scale per tensor or expert): convert with --dtype bfloat16")
+
+
+def to_float(leaf: Lazy, dtype: np.dtype) -> np.ndarray:
+    """The array, filled piece by piece (cast to `dtype` on assignment; bfloat16 rounds to nearest even)."""
+    out = np.empty(leaf.shape, dtype)
+    for piece in leaf.pieces():
+        out[piece.index] = piece.values()
+    return out
+
+
+def to_fp8(leaf: Lazy, scale_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(float8_e4m3fn weights, float32 scale of `scale_shape`): FP8 sources kept bit for bit, float sources
+    quantised with scale amax / 448 per row of the scale (per expert) or per tensor."""
+    out = np.empty(leaf.shape, ml_dtypes.float8_e4m3fn)
+    n = leaf.shape[0]
+    per_row = scale_shape[0] != 1
+    scales = np.zeros(scale_shape[0], np.float32)
+    if leaf.is_fp8:
+        seen: set[float] = set()
+        for piece in leaf.pieces():
+            w, s = piece.fp8()
+            out[piece.index] = w
+            scales[list(piece.out_rows(n)) if per_row else 0] = s
+            seen.add(float(s))
+        if not per_row and len(seen) > 1:
+            raise ValueError(f"{leaf.name!r}: FP8 pieces with different scales cannot share one per-tensor scale")
+        return out, scales.reshape(scale_shape)
+    if per_row:
+        for piece in leaf.pieces():
+            rows = list(piece.out_rows(n))
+            if piece.index[0] == slice(None) and len(piece.index) > 1:
+                raise ValueError(f"internal error: {leaf.name!r} is read in column blocks; per-row scales need rows")
+            v = np.asarray(piece.values(), np.float32).reshape(len(rows), -1)
+            s = _scale_for(np.abs(v).max(axis=1))
+            scales[rows] = s
+            out[piece.index] = _quantize(v, s[:, None]).reshape(out[piece.index].shape)
+        return out, scales.reshape(scale_shape)
+    amax = max(float(np.abs(np.asarray(p.values(), np.float32)).max(initial=0.0)) for p in leaf.pieces())
+    s = _scale_for(np.float32(amax))
+    for piece in leaf.pieces():
+        out[piece.index] = _quantize(np.asarray(piece.values(), np.float32), s)
+    return out, np.full(scale_shape, s, np.float32)
+
+
+def _scale_for(amax: np.ndarray) -> np.ndarray:
+    amax = np.asarray(amax, np.float32)
+    return np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
+
+
+def _quantize(v: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return np.clip(v / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def materialize(lazy: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """The numpy arrays of one piece, in the storage format of `target` (a tree of ShapeDtypeStructs)."""
+    out: dict[str, Any] = {}
+    for name, spec in target.items():
+        if name.endswith("_scale") and name[: -len("_scale")] in target:
+            continue
+        if isinstance(spec, dict):
+            out[name] = materialize(lazy[name], spec)
+        elif name + "_scale" in target:
+            out[name], out[name + "_scale"] = to_fp8(lazy[name], tuple(target[name + "_scale"].shape))
+        else:
+            out[name] = to_float(lazy[name], np.dtype(spec.dtype))
+    return out
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: str = "bfloat16",
+    text_only: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> str:
+    """Convert the HF or Mistral checkpoint `src` into our Orbax checkpoint `dst` (see `mistral4_jax.checkpoint`).
+
+    Raises ValueError / FileNotFoundError / FileExistsError with a one-line message naming the file or tensor.
+    Returns the path of the written checkpoint.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    source = open_source(src)
+    cfg = source.config
+    vision = source.vision_tensors()
+    if vision and not text_only:
+        log.warning("%s: skipping %d vision tensors (vision is not converted yet); pass --text-only to silence this",
+                    source.path, len(vision))
+    lazy = plan(source)
+    abstract = M.abstract_params(cfg, jnp.dtype(dtype))
+    targets = {p: ckpt.piece_abstract(cfg, jnp.dtype(dtype), p, abstract) for p in ckpt.pieces(cfg)}
+    for piece, target in targets.items():
+        _check(lazy[piece], target, piece)
+
+    identity = {"source_sha256": source.sha256, "dtype": dtype, "text_only": text_only,
+                "converter_version": mistral4_jax.__version__, "format_version": ckpt.FORMAT_VERSION}
+    writer = ckpt.CheckpointWriter(dst, identity, overwrite=overwrite, resume=resume)
+    _write_pieces(writer, lazy, targets, progress)
+
+    def manifest(tmp: str) -> dict[str, Any]:
+        tensors, parameters = ckpt.verify(tmp, cfg, dtype)
+        return {
+            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "converter_version": mistral4_jax.__version__,
+            "source": {"path": source.path, "format": source.format, "sha256": source.sha256,
+                       "tensors": len(source.index.names()), "vision_tensors_skipped": len(vision)},
+            "dtype": dtype, "text_only": text_only, "tensors": tensors, "parameters": parameters,
+            "layers": {group: n for group, n, _ in M.layer_groups(cfg)},
+            "files": sorted(source.files),
+        }
+
+    return writer.finish(source.files, {ckpt.CONFIG: cfg.to_dict()}, manifest)
+
+
+def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: dict[str, Any], progress: bool) -> None:
+    from tqdm import tqdm
+
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    written = 0
+
+    def after_save() -> None:
+        nonlocal written
+        written += 1
+        if written == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    total_tensors = sum(len(jax.tree_util.tree_leaves(t)) for t in targets.values())
+    done_tensors = 0
+    with tqdm(total=sum(_nbytes(t) for t in targets.values()), unit="B", unit_scale=True, unit_divisor=1024,
+              desc="converting", disable=not progress, dynamic_ncols=True) as bar:
+        for piece, target in targets.items():
+            if not writer.done(piece):
+                writer.save(piece, materialize(lazy[piece], target), after_save)
+                log.debug("wrote %s", piece)
+            done_tensors += len(jax.tree_util.tree_leaves(target))
+            bar.set_postfix_str(f"{done_tensors}/{total_tensors} tensors", refresh=False)
+            bar.update(_nbytes(target))

@@ -1,0 +1,421 @@
+"""The one on-disk layout of a converted Mistral 4 checkpoint: how it is written, checked and restored.
+
+    DST/
+      manifest.json     format and converter version, source (path, format, sha256 of its index and
+                        safetensors headers), dtype, tensor and parameter counts, copied files
+      config.json       our `Mistral4Config` (`to_dict()`)
+      params/           one Orbax (v1) PyTree checkpoint, uncompressed:
+                          embed, final_norm/scale, lm_head            as in the model's parameter tree
+                          layers_dense/<j>/..., layers_moe/<j>/...     one subtree per layer j of a group
+                                                                      (the model's leaves without the layer axis)
+      tekken.json, tokenizer.json, chat_template.jinja, ...           copied verbatim from the source
+      source_config.json                                              the source's config.json or params.json
+
+The parameters are stored in the storage format of the model for the manifest's dtype: with
+"float8_e4m3fn" the weights in `model.FP8_WEIGHTS` are float8 with a float32 `<name>_scale` beside them
+(per tensor [1, ...], per expert [E, 1, 1]) and everything else is bfloat16.
+
+Layers are stored one subtree per layer so that the converter writes one layer at a time (Orbax partial
+saves, `CheckpointWriter`) and never holds more. `restore_params` stacks them back into the model's
+[layers, ...] arrays on device: each layer is read straight into its target sharding (the stacked
+array's sharding without the layer axis) and written in place into the preallocated stacked array, so no
+array is ever assembled whole on one host or device first, and any mesh works whatever wrote the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from . import model as M
+from .config import Mistral4Config
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mistral4-jax/orbax"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+PARAMS = "params"
+GLOBALS = "globals"
+JOURNAL = "journal.json"
+_CHUNK_BYTES = 64 * 1024 * 1024
+"""Orbax chunk size: a sharded restore reads only the chunks its shards overlap."""
+
+ShardingSpec = Any
+"""None (one device), a `Sharding` for every array, a pytree of `Sharding`s matching the parameter tree,
+or a callable `(logical_axes: tuple[str | None, ...], leaf: jax.ShapeDtypeStruct) -> Sharding`."""
+
+
+# ------------------------------------------------------------------------------------------- layout
+def pieces(cfg: Mistral4Config) -> list[str]:
+    """The pieces a checkpoint is written in, in order: "globals", then "layers_moe/0", ... per layer."""
+    return [GLOBALS] + [f"{name}/{j}" for name, n, _ in M.layer_groups(cfg) for j in range(n)]
+
+
+def piece_abstract(cfg: Mistral4Config, dtype: Any, piece: str, abstract: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The arrays of one piece as `jax.ShapeDtypeStruct`s (per-layer pieces without the layer axis)."""
+    abstract = M.abstract_params(cfg, dtype) if abstract is None else abstract
+    if piece == GLOBALS:
+        return {k: v for k, v in abstract.items() if not k.startswith("layers_")}
+    group, _ = piece.split("/")
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), abstract[group])
+
+
+def nest(piece: str, tree: dict[str, Any]) -> dict[str, Any]:
+    """A piece's subtree placed at its position in the on-disk tree ({"layers_moe": {"3": tree}})."""
+    if piece == GLOBALS:
+        return tree
+    group, j = piece.split("/")
+    return {group: {j: tree}}
+
+
+def disk_abstract(cfg: Mistral4Config, dtype: Any) -> dict[str, Any]:
+    """The whole on-disk parameter tree as `jax.ShapeDtypeStruct`s."""
+    abstract = M.abstract_params(cfg, dtype)
+    out = piece_abstract(cfg, dtype, GLOBALS, abstract)
+    for group, n, _ in M.layer_groups(cfg):
+        layer = piece_abstract(cfg, dtype, f"{group}/0", abstract)
+        out[group] = {str(j): layer for j in range(n)}
+    return out
+
+
+def count(tree: Any) -> tuple[int, int]:
+    """(number of arrays, number of parameters) of a tree of arrays; FP8 `*_scale` arrays count as arrays only."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    params = sum(int(np.prod(x.shape)) for path, x in flat if not _is_scale(path))
+    return len(flat), params
+
+
+def _is_scale(path: tuple) -> bool:
+    return str(getattr(path[-1], "key", "")).endswith("_scale")
+
+
+# ------------------------------------------------------------------------------------------ orbax
+def _ocp():
+    from orbax.checkpoint import v1 as ocp
+
+    return ocp
+
+
+@contextlib.contextmanager
+def _orbax(partial_load: bool = False) -> Iterator[Any]:
+    """An Orbax context: no compression, no defensive host copies (the caller does not mutate arrays being
+    saved), chunks of at most 64 MiB; `partial_load` to read a subtree."""
+    ocp = _ocp()
+    ctx = ocp.Context()
+    ctx.array.saving.use_compression = False
+    ctx.array.saving.storage_options.chunk_byte_size = _CHUNK_BYTES
+    ctx.memory.deepcopy_host_arrays = False
+    ctx.pytree.loading.partial_load = partial_load
+    with ctx:
+        yield ocp
+
+
+def on_disk(path: str | os.PathLike) -> dict[str, Any]:
+    """The stored parameter tree's metadata (`.shape`, `.dtype` per array)."""
+    with _orbax() as ocp:
+        return ocp.metadata(os.path.join(os.fspath(path), PARAMS)).metadata
+
+
+def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any) -> tuple[int, int]:
+    """Check the arrays stored under `path` against `cfg`/`dtype` (names, shapes, dtypes; nothing missing or
+    extra). Returns (tensor count, parameter count); raises ValueError naming the first difference."""
+    expected = dict(_flat(disk_abstract(cfg, dtype)))
+    found = dict(_flat(on_disk(path)))
+    for name in sorted(set(expected) | set(found)):
+        if name not in found:
+            raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint")
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected tensor {name!r} in the checkpoint")
+        e, f = expected[name], found[name]
+        if tuple(e.shape) != tuple(f.shape) or np.dtype(e.dtype) != np.dtype(f.dtype):
+            raise ValueError(f"{path}: tensor {name!r} is {np.dtype(f.dtype)}{list(f.shape)}, "
+                             f"expected {np.dtype(e.dtype)}{list(e.shape)}")
+    return count(disk_abstract(cfg, dtype))
+
+
+def _flat(tree: Any) -> Iterator[tuple[str, Any]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    for path, leaf in leaves:
+        yield "/".join(str(getattr(k, "key", k)) for k in path), leaf
+
+
+# ------------------------------------------------------------------------------------------ writing
+class CheckpointWriter:
+    """Writes a checkpoint piece by piece into a temporary sibling of DST, renamed to DST once complete.
+
+    The temporary directory (`.<DST name>.converting` beside DST) holds the Orbax partial-save session
+    and a journal of the finished pieces and of `identity` (source checksum, dtype, ...). A conversion
+    that fails or is killed leaves no DST; `resume=True` continues from the journal, provided the
+    identity is the same. An existing DST is refused unless `overwrite`, and is replaced only when the
+    new checkpoint is complete and verified.
+    """
+
+    def __init__(self, dst: str | os.PathLike, identity: dict[str, Any], overwrite: bool = False, resume: bool = False) -> None:
+        self.dst = os.path.abspath(os.fspath(dst))
+        self.tmp = os.path.join(os.path.dirname(self.dst), f".{os.path.basename(self.dst)}.converting")
+        self.identity = identity
+        if os.path.lexists(self.dst) and not overwrite:
+            raise FileExistsError(f"{self.dst} already exists; pass --overwrite to replace it")
+        if os.path.exists(self.tmp) and not resume:
+            if not overwrite:
+                raise FileExistsError(
+                    f"an interrupted conversion is in {self.tmp}: pass --resume to continue it or --overwrite to start over"
+                )
+            shutil.rmtree(self.tmp)
+        if os.path.exists(self.tmp):
+            self.journal = self._read_journal()
+        else:
+            if resume:
+                log.info("nothing to resume at %s; starting a new conversion", self.tmp)
+            os.makedirs(self.tmp)
+            self.journal = {"identity": identity, "done": [], "pending": None}
+            self._write_journal()
+
+    @property
+    def params_path(self) -> str:
+        return os.path.join(self.tmp, PARAMS)
+
+    def _read_journal(self) -> dict[str, Any]:
+        path = os.path.join(self.tmp, JOURNAL)
+        try:
+            with open(path) as f:
+                journal = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot resume from {self.tmp}: unreadable journal ({e}); pass --overwrite to start over") from None
+        for key, value in self.identity.items():
+            if journal["identity"].get(key) != value:
+                raise ValueError(
+                    f"cannot resume from {self.tmp}: it was started with {key}={journal['identity'].get(key)!r}, "
+                    f"now {value!r}; pass --overwrite to start over"
+                )
+        log.info("resuming %s: %d pieces already written", self.tmp, len(journal["done"]))
+        return journal
+
+    def _write_journal(self) -> None:
+        path = os.path.join(self.tmp, JOURNAL)
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.journal, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def done(self, piece: str) -> bool:
+        return piece in self.journal["done"]
+
+    def save(self, piece: str, tree: dict[str, Any], after_save: Callable[[], None] | None = None) -> None:
+        """Write one piece (numpy arrays, not modified until this returns) as an Orbax partial save."""
+        resumed = self.journal["pending"] == piece
+        self.journal["pending"] = piece
+        self._write_journal()
+        with _orbax() as ocp:
+            try:
+                ocp.partial.save(self.params_path, nest(piece, tree))
+            except Exception as e:
+                # Killed after Orbax committed this piece but before the journal recorded it: it is on disk.
+                if not (resumed and type(e).__name__ == "PartialSaveReplacementError"):
+                    raise
+                log.info("piece %s was already written before the interruption", piece)
+        if after_save is not None:
+            after_save()
+        self.journal["done"].append(piece)
+        self.journal["pending"] = None
+        self._write_journal()
+
+    def finish(self, files: dict[str, str], json_files: dict[str, Any], manifest_fn: Callable[[str], dict[str, Any]]) -> str:
+        """Finalise the Orbax checkpoint, copy `files` ({name in DST: source path}), write `json_files`
+        ({name: object}), run `manifest_fn(tmp)` (verifies, returns the manifest, written last), then
+        rename the temporary directory to DST."""
+        if not os.path.exists(self.params_path):
+            with _orbax() as ocp:
+                ocp.partial.finalize(self.params_path)
+        for entry in os.listdir(self.tmp):
+            if "orbax-checkpoint-tmp" in entry:  # left by a save interrupted before it committed
+                shutil.rmtree(os.path.join(self.tmp, entry), ignore_errors=True)
+        for name, src in files.items():
+            shutil.copyfile(src, os.path.join(self.tmp, name))
+        for name, obj in json_files.items():
+            _write_json(os.path.join(self.tmp, name), obj)
+        manifest = manifest_fn(self.tmp)
+        os.remove(os.path.join(self.tmp, JOURNAL))
+        _write_json(os.path.join(self.tmp, MANIFEST), manifest)
+        if os.path.lexists(self.dst):
+            old = self.tmp + ".old"
+            os.rename(self.dst, old)
+            os.rename(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.dst)
+        log.info("wrote %s", self.dst)
+        return self.dst
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------ reading
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True if `path` is a directory written by the converter (it has a manifest.json)."""
+    return os.path.isfile(os.path.join(os.fspath(path), MANIFEST))
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a converted checkpoint, checked to be of our format and version."""
+    file = os.path.join(os.fspath(path), MANIFEST)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"not a converted checkpoint (no {MANIFEST}): {path}")
+    try:
+        with open(file) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
+                         f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    return manifest
+
+
+def read_config(path: str | os.PathLike) -> Mistral4Config:
+    return Mistral4Config.from_json(os.path.join(os.fspath(path), CONFIG))
+
+
+def resolve_shardings(shardings: ShardingSpec, cfg: Mistral4Config, dtype: Any, abstract: dict[str, Any]) -> dict[str, Any]:
+    """A tree of `Sharding`s matching `abstract` (the stacked parameter tree) from a `ShardingSpec`."""
+    if shardings is None:
+        shardings = SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, Sharding):
+        return jax.tree_util.tree_map(lambda _: shardings, abstract)
+    if callable(shardings):
+        axes = M.param_axes(cfg, dtype)
+        return jax.tree_util.tree_map(lambda a, s: shardings(tuple(a), s), axes, abstract,
+                                      is_leaf=lambda a: isinstance(a, tuple))
+    expected = jax.tree_util.tree_structure(abstract)
+    got = jax.tree_util.tree_structure(shardings, is_leaf=lambda s: isinstance(s, Sharding))
+    if got != expected:
+        raise ValueError(f"shardings do not match the parameter tree: got {got}, expected {expected}")
+    return shardings
+
+
+def _layer_sharding(s: Sharding, ndim: int) -> Sharding:
+    """The sharding of one layer of a stacked [layers, ...] array sharded as `s` (the layer axis dropped)."""
+    if isinstance(s, NamedSharding):
+        spec = tuple(s.spec) + (None,) * (ndim - len(s.spec))
+        return NamedSharding(s.mesh, PartitionSpec(*spec[1:]), memory_kind=s.memory_kind)
+    if isinstance(s, SingleDeviceSharding):
+        return s
+    raise ValueError(f"unsupported sharding {type(s).__name__} for a stacked layer array (use NamedSharding)")
+
+
+def _target(abstract: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _dequantize(stored: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """FP8 weights times their `<name>_scale` (float32 product, as the model does), cast to `dtype`; the
+    scales dropped; other arrays cast to `dtype`."""
+    out: dict[str, Any] = {}
+    for name, value in stored.items():
+        if name.endswith("_scale") and name[: -len("_scale")] in stored:
+            continue
+        if isinstance(value, dict):
+            out[name] = _dequantize(value, dtype)
+        elif name + "_scale" in stored:
+            out[name] = (value.astype(jnp.float32) * stored[name + "_scale"]).astype(dtype)
+        else:
+            out[name] = value.astype(dtype)
+    return out
+
+
+def restore_params(path: str | os.PathLike, dtype: Any = None, shardings: ShardingSpec = None) -> tuple[Mistral4Config, dict[str, Any]]:
+    """(config, parameter tree of jax arrays) of a converted checkpoint, each array in its target sharding.
+
+    dtype: None keeps the stored dtype; a float checkpoint may be read as another float dtype (cast while
+    reading); an FP8 checkpoint is read as FP8 (with its scales) or dequantised to a float dtype.
+    shardings: see `ShardingSpec`; shardings of stacked layer arrays may split any axis, the layer axis too.
+    """
+    path = os.fspath(path)
+    manifest = read_manifest(path)
+    cfg = read_config(path)
+    stored = jnp.dtype(manifest["dtype"])
+    target = stored if dtype is None else jnp.dtype(dtype)
+    if M.is_fp8(target) and not M.is_fp8(stored):
+        raise ValueError(f"{path}: stored as {stored.name}; FP8 weights need a checkpoint converted with "
+                         "--dtype float8_e4m3fn")
+    dequantize = M.is_fp8(stored) and not M.is_fp8(target)
+    abstract = M.abstract_params(cfg, target)
+    stored_abstract = M.abstract_params(cfg, stored)
+    shard_tree = resolve_shardings(shardings, cfg, target, abstract)
+    params_path = os.path.join(path, PARAMS)
+    with _orbax(partial_load=True) as ocp:
+        params = {}
+        glob_abstract = piece_abstract(cfg, target, GLOBALS, abstract)
+        params.update(ocp.load(params_path, _target(glob_abstract, {k: shard_tree[k] for k in glob_abstract})))
+        for group, n, _ in M.layer_groups(cfg):
+            params[group] = _restore_group(ocp, params_path, group, n, abstract[group], stored_abstract[group],
+                                           shard_tree[group], target if dequantize else None)
+    log.info("restored %d layers (%s as %s) from %s", cfg.num_hidden_layers, stored.name, target.name, path)
+    return cfg, params
+
+
+def _restore_group(ocp: Any, params_path: str, group: str, n: int, abstract: Any, stored_abstract: Any,
+                   shardings: Any, dequantize_to: Any) -> Any:
+    """Stacked [n, ...] arrays of one layer group, filled one layer at a time in place (donated buffer)."""
+    layer_shardings = jax.tree_util.tree_map(lambda s, a: _layer_sharding(s, len(a.shape)), shardings, abstract)
+    per_layer = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
+    stacked = jax.jit(lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), abstract),
+                      out_shardings=shardings)()
+    insert = jax.jit(
+        lambda buf, layer, j: jax.tree_util.tree_map(
+            lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), j, 0), buf, layer),
+        donate_argnums=0, out_shardings=shardings,
+    )
+    if dequantize_to is None:
+        layer_target, convert = _target(per_layer(abstract), layer_shardings), None
+    else:
+        stored_layer = per_layer(stored_abstract)
+        layer_target = _target(stored_layer, _stored_shardings(stored_layer, layer_shardings))
+        convert = jax.jit(lambda t: _dequantize(t, dequantize_to), out_shardings=layer_shardings)
+    for j in range(n):
+        layer = ocp.load(params_path, {group: {str(j): layer_target}})[group][str(j)]
+        if convert is not None:
+            layer = convert(layer)
+        stacked = insert(stacked, layer, j)
+    return stacked
+
+
+def _stored_shardings(stored_abstract: dict[str, Any], layer_shardings: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer shardings for the stored FP8 tree: weights as their float targets, scales sharded like
+    their weight on the axes they keep (size-1 axes replicated)."""
+    out: dict[str, Any] = {}
+    for name, value in stored_abstract.items():
+        if isinstance(value, dict):
+            out[name] = _stored_shardings(value, layer_shardings[name])
+        elif name.endswith("_scale") and name[: -len("_scale")] in layer_shardings:
+            w = layer_shardings[name[: -len("_scale")]]
+            if isinstance(w, NamedSharding):
+                spec = tuple(w.spec) + (None,) * (len(value.shape) - len(w.spec))
+                spec = tuple(a if n > 1 else None for a, n in zip(spec, value.shape))
+                w = NamedSharding(w.mesh, PartitionSpec(*spec), memory_kind=w.memory_kind)
+            out[name] = w
+        else:
+            out[name] = layer_shardings[name]
+    return out
+
+
+def describe(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], str]]]:
+    """(manifest, [(array name, shape, dtype)]) of a converted checkpoint, for `mistral4-jax inspect`."""
+    manifest = read_manifest(path)
+    arrays = [(name, tuple(m.shape), np.dtype(m.dtype).name) for name, m in _flat(on_disk(path))]
+    return manifest, arrays

@@ -1,0 +1,99 @@
+"""The `mistral4-jax` command line: one small function per subcommand.
+
+    mistral4-jax convert SRC DST [--dtype ...] [--text-only] [--overwrite] [--resume]
+    mistral4-jax inspect DST
+
+To add a subcommand, write `_add_<name>(subparsers)` that declares its arguments and sets
+`run=<function(args) -> int>`, and list it in `SUBCOMMANDS`. Expected errors (ValueError,
+FileNotFoundError, FileExistsError) print one line on stderr and exit with status 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from mistral4_jax.convert import cli
+
+    p = sub.add_parser("convert", help="convert an HF or Mistral checkpoint into an Orbax checkpoint",
+                       description="Convert an HF or Mistral safetensors checkpoint (bf16, float32 or FP8) into "
+                                   "this package's Orbax checkpoint, one layer at a time.")
+    cli.add_arguments(p)
+    p.set_defaults(run=cli.run)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="print the summary and parameter shapes of a converted checkpoint")
+    p.add_argument("path", help="converted checkpoint directory")
+    p.set_defaults(run=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from . import checkpoint
+
+    manifest, arrays = checkpoint.describe(args.path)
+    src = manifest["source"]
+    print(f"checkpoint  {args.path}")
+    print(f"source      {src['path']} ({src['format']}, {src['tensors']} tensors, sha256 {src['sha256'][:16]}…)")
+    print(f"dtype       {manifest['dtype']}{'  (text only)' if manifest.get('text_only') else ''}")
+    print(f"tensors     {manifest['tensors']}")
+    print(f"parameters  {manifest['parameters']:,}")
+    print(f"layers      {', '.join(f'{k}: {v}' for k, v in manifest['layers'].items())}")
+    print(f"files       {', '.join(manifest['files']) or '-'}")
+    print(f"converter   {manifest['converter_version']} (format v{manifest['format_version']})")
+    print("parameters (layer groups stacked as [layers, ...]):")
+    for name, shape, dtype in _stacked(arrays):
+        print(f"  {name:<44} {dtype:<14} {list(shape)}")
+    return 0
+
+
+def _stacked(arrays: list[tuple[str, tuple[int, ...], str]]) -> list[tuple[str, tuple[int, ...], str]]:
+    """Per-layer arrays (`layers_moe/3/attn/o_proj`) folded into one stacked entry per name."""
+    out: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    for name, shape, dtype in arrays:
+        parts = name.split("/")
+        if parts[0].startswith("layers_") and len(parts) > 2:
+            name = "/".join([parts[0], *parts[2:]])
+        n = out[name][2] if name in out else 0
+        out[name] = (shape, dtype, n + 1)
+    return [(name, (n, *shape) if name.startswith("layers_") else shape, dtype)
+            for name, (shape, dtype, n) in out.items()]
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_inspect]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX: convert, inspect, run.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mistral4-jax` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.run(args) or 0)
+    except EXPECTED_ERRORS as e:
+        print(f"mistral4-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mistral4-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
