@@ -45,6 +45,8 @@ class Mistral4:
     """A loaded Mistral 4 text model: config, parameters (a pytree of jax arrays) and jitted functions.
 
     `dtype` is the storage dtype of the parameters, `compute_dtype` the dtype of activations.
+    `mesh`: a ("data", "expert", "tensor") mesh (`sharding.make_mesh`) to shard the parameters over
+    (placed by the rules table; experts run expert-parallel); None = one device.
     `layer_loop`: "scan" runs the stacked layers under `lax.scan` (compile time flat in depth; the
     default), "unroll" unstacks them into per-layer arrays and unrolls the loop (faster weight reads
     on CPU decode, compile time grows with depth).
@@ -55,8 +57,12 @@ class Mistral4:
         if layer_loop not in ("scan", "unroll"):
             raise ValueError(f"layer_loop must be 'scan' or 'unroll', got {layer_loop!r}")
         self.config = config
-        self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.dtype = resolve_dtype(dtype)
+        if mesh is not None:
+            from .sharding import param_shardings
+
+            params = jax.device_put(params, param_shardings(config, mesh, self.dtype))
+        self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
         self.mesh = mesh
         self.layer_loop = layer_loop

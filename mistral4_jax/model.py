@@ -469,6 +469,10 @@ def forward(
     """
     embed = params["embed"]
     h = jnp.take(embed, input_ids, axis=0).astype(dtype)
+    if mesh is not None:
+        from .sharding import batch_spec
+
+        h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(mesh, batch_spec(mesh, h.shape[0], 3)))
     cos, sin = rope_cos_sin(cfg, positions)
     qscale = llama4_query_scale(cfg, positions)
     t = input_ids.shape[1]
