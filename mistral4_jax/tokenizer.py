@@ -59,7 +59,7 @@ REASONING_EFFORTS = ("none", "high")
 """reasoning_effort values this model accepts (mistral-common's builder for Mistral Small 4)."""
 
 _IMAGE_PART_TYPES = {"image", "image_url", "input_image", "image_base64", "image_file"}
-_TEXT_PART_TYPES = {"text", "input_text"}
+_TEXT_PART_TYPES = {"text"}
 _MSG_JOIN = "\n\n"  # mistral-common: text of consecutive same-role messages
 _CHUNK_JOIN = ""    # mistral-common v15: adjacent text chunks inside one message
 
@@ -430,8 +430,11 @@ class Tokenizer:
         this model), "none" or "high"; anything else raises ValueError. continue_final_message: the last
         message is an assistant prefix to continue (no ``</s>`` after it).
 
-        Tekken backend: exactly mistral-common's ``encode_chat_completion`` ids. tokenizers backend:
-        the chat template if there is one, else `_manual_chat_layout`.
+        Tekken backend: exactly mistral-common's ``encode_chat_completion`` ids (its validation errors
+        become ValueError). tokenizers backend: the chat template if there is one (rendered like
+        transformers' ``apply_chat_template``, so special-token strings typed inside message text are
+        parsed as control tokens there), else `_manual_chat_layout` (which, like mistral-common, encodes
+        message text as plain text). The tests check both against mistral-common's ids.
         """
         _check_messages(messages)
         effort = self._effort(reasoning_effort)
@@ -460,7 +463,12 @@ class Tokenizer:
     def _encode_chat_template(self, messages: list[dict[str, Any]], effort: str | None,
                               continue_final_message: bool) -> list[int]:
         if self._template_fn is None:
-            self._template_fn = _compile_template(self.chat_template)  # type: ignore[arg-type]
+            try:
+                self._template_fn = _compile_template(self.chat_template)  # type: ignore[arg-type]
+            except ImportError:
+                log.warning("jinja2 is not installed: ignoring the chat template, using the manual layout")
+                self.chat_template = None
+                return self._manual_chat_layout(messages, effort, continue_final_message)
         last = messages[-1].get("role")
         if continue_final_message and last != "assistant":
             raise ValueError("continue_final_message needs an assistant message last")

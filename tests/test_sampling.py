@@ -137,14 +137,14 @@ def test_filter_sets_match_numpy(candidates):
     logits = _logits(n_logit_rows * len(CONFIGS), seed=1)
     params = [c for c in CONFIGS for _ in range(n_logit_rows)]
     t, k, p, m = SamplingParams.stack(params)
-    got = np.asarray(mask_jit(logits, t, k, p, m, candidates=candidates))
+    fl = np.asarray(flog_jit(logits, t, k, p, m, candidates=candidates), np.float64)
+    got = np.isfinite(fl)  # the kept set (filtered_logits puts everything else at -inf)
     for i, c in enumerate(params):
         want = np_mask(logits[i], c.temperature, c.top_k, c.top_p, c.min_p)
         np.testing.assert_array_equal(got[i], want, err_msg=f"row {i}: {c}")
         if c.top_k > 0 and not c.greedy:
             assert got[i].sum() <= c.top_k
     # the filtered distribution itself
-    fl = np.asarray(flog_jit(logits, t, k, p, m, candidates=candidates), np.float64)
     for i, c in enumerate(params):
         if c.greedy:
             continue
