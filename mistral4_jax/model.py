@@ -117,9 +117,20 @@ def route(logits: Array, cfg: Mistral4Config) -> tuple[Array, Array]:
 
 
 # ------------------------------------------------------------------------------------------ experts
+def _expert_weight(w: Array, scales: tuple[Array, ...] | None, j: int, i: int | None, dtype: Any) -> Array:
+    """Expert i's slice of w (all experts if i is None), cast to dtype and times its FP8 scale if any."""
+    w = (w if i is None else w[i]).astype(dtype)
+    if scales is not None:
+        w = w * (scales[j] if i is None else scales[j][i]).astype(dtype)
+    return w
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
+
+DECODE_ASSIGNMENTS_PER_EXPERT = 4
+"""Up to this many token->expert assignments per expert (on average), experts run one by one."""
 
 CAPACITY_FACTORS = (1.25, 2.0)
 """Capacity tiers of the grouped expert computation; a step whose busiest expert overflows every tier
@@ -127,17 +138,21 @@ falls back to capacity T (every token fits), so no token is ever dropped."""
 
 
 def routed_experts(
-    x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, first_expert: Array | int = 0
+    x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, first_expert: Array | int = 0,
+    scales: tuple[Array, Array, Array] | None = None,
 ) -> Array:
     """Weighted sum of the chosen experts' gated MLPs, dropping no token.
 
     x [T, D]; ids, weights [T, K]; gate, up [E, D, F]; down [E, F, D] -> [T, D] (x's dtype).
+    The expert weights may be in their storage dtype (with FP8, `scales` holds the three [E, 1, 1]
+    dequantisation scales); they are cast to x's dtype where they are read.
     The experts held here are `first_expert .. first_expert + E - 1` (all of them unless sharded);
     assignments to other experts contribute zero.
 
-    Few assignments (decode): gather the chosen experts' weights per token. Many (prefill): group the
-    token copies by expert into a [E, C, D] batch and run one batched einsum per matrix; C is the
-    smallest capacity tier that holds the busiest expert (chosen on device with `lax.cond`).
+    Few tokens per expert (decode): one `lax.cond` per expert, taken only by the experts some token
+    chose, each reading its weights in place (static slices) once for all its tokens. Many (prefill):
+    group the token copies by expert into a [E, C, D] batch and run one batched einsum per matrix; C is
+    the smallest capacity tier that holds the busiest expert (chosen on device with `lax.cond`).
     """
     t, k = ids.shape
     e = gate.shape[0]
@@ -145,10 +160,18 @@ def routed_experts(
     valid = (local >= 0) & (local < e)
     local = jnp.where(valid, local, 0)
     weights = jnp.where(valid, weights, 0).astype(x.dtype)
-    if t * k <= e:
-        g, u, d = gate[local], up[local], down[local]  # [T, K, D, F], [T, K, F, D]
-        h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x, g)) * jnp.einsum("td,tkdf->tkf", x, u)
-        return jnp.einsum("tkf,tkfd,tk->td", h, d, weights)
+    if t * k <= DECODE_ASSIGNMENTS_PER_EXPERT * e:
+        per_expert = jnp.zeros((e, t), x.dtype).at[local, jnp.arange(t)[:, None]].add(weights)  # [E, T]
+        hit = jnp.zeros((e,), bool).at[local].max(valid)
+        y = jnp.zeros_like(x)
+        for i in range(e):
+            def run(y, i=i):
+                g, u, d = (_expert_weight(w, scales, j, i, x.dtype) for j, w in enumerate((gate, up, down)))
+                return y + per_expert[i][:, None] * ((jax.nn.silu(x @ g) * (x @ u)) @ d)
+            y = jax.lax.cond(hit[i], run, lambda y: y, y)
+        return y
+
+    gate, up, down = (_expert_weight(w, scales, j, None, x.dtype) for j, w in enumerate((gate, up, down)))
 
     flat = jnp.where(valid, local, e).reshape(-1)  # [T*K]; e = "not here"
     onehot = (flat[:, None] == jnp.arange(e)).astype(jnp.int32)  # [T*K, E]
@@ -213,19 +236,22 @@ class _Base(nn.Module):
     def storage_dtype(self, name: str) -> Any:
         return jnp.bfloat16 if is_fp8(self.param_dtype) and name not in FP8_WEIGHTS else self.param_dtype
 
-    def weight(self, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=None) -> Array:
+    def stored(self, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=None) -> tuple[Array, Array | None]:
+        """Declare parameter `name` and return it as stored, with its FP8 scale (or None)."""
         init = _normal() if init is None else init
-        fp8 = is_fp8(self.param_dtype)
         w = jnp.asarray(self.param(name, nn.with_logical_partitioning(init, axes), shape, self.storage_dtype(name)))
+        if not (is_fp8(self.param_dtype) and name in FP8_WEIGHTS):
+            return w, None
+        scale_shape = fp8_scale_shape(name, shape)
+        scale_axes = tuple(a if n > 1 else None for a, n in zip(axes, scale_shape))
+        scale = self.param(name + "_scale", nn.with_logical_partitioning(nn.initializers.ones, scale_axes), scale_shape, jnp.float32)
+        return w, jnp.asarray(scale)
+
+    def weight(self, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=None) -> Array:
+        """Parameter `name` in the compute dtype (FP8 dequantised: float(w) * scale)."""
+        w, scale = self.stored(name, axes, shape, init)
         w = w.astype(self.dtype)
-        if fp8 and name in FP8_WEIGHTS:
-            scale_axes = tuple(a if n > 1 else None for a, n in zip(axes, fp8_scale_shape(name, shape)))
-            scale = self.param(
-                name + "_scale", nn.with_logical_partitioning(nn.initializers.ones, scale_axes),
-                fp8_scale_shape(name, shape), jnp.float32,
-            )
-            w = w * jnp.asarray(scale).astype(self.dtype)
-        return w
+        return w if scale is None else w * scale.astype(self.dtype)
 
 
 class RMSNorm(_Base):
@@ -320,15 +346,16 @@ class MoE(_Base):
         b, t, _ = x.shape
         router = self.weight("router", ("embed", "router_experts"), (d, e))
         weights, ids = route((x @ router).reshape(b * t, e), c)
-        gate = self.weight("experts_gate", ("experts", "embed", "expert_mlp"), (e, d, f))
-        up = self.weight("experts_up", ("experts", "embed", "expert_mlp"), (e, d, f))
-        down = self.weight("experts_down", ("experts", "expert_mlp", "embed"), (e, f, d))
+        gate, gs = self.stored("experts_gate", ("experts", "embed", "expert_mlp"), (e, d, f))
+        up, us = self.stored("experts_up", ("experts", "embed", "expert_mlp"), (e, d, f))
+        down, ds = self.stored("experts_down", ("experts", "expert_mlp", "embed"), (e, f, d))
+        scales = None if gs is None else (gs, us, ds)
         if self.mesh is not None:
             from .sharding import sharded_routed_experts
 
-            y = sharded_routed_experts(self.mesh, x.reshape(b * t, d), ids, weights, gate, up, down)
+            y = sharded_routed_experts(self.mesh, x.reshape(b * t, d), ids, weights, gate, up, down, scales)
         else:
-            y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down)
+            y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down, scales=scales)
         y = y.reshape(b, t, d)
         y = y + MLP(c, self.dtype, self.param_dtype, self.mesh, width=c.shared_intermediate_size, name="shared_expert")(x)
         return y, ids.reshape(b, t, -1)

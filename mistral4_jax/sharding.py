@@ -156,7 +156,7 @@ def batch_spec(mesh: Mesh, batch: int, ndim: int) -> P:
 
 
 def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: jax.Array,
-                           gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+                           gate: jax.Array, up: jax.Array, down: jax.Array, scales: Any = None) -> jax.Array:
     """Expert-parallel `model.routed_experts` under `shard_map`: x [T, D] -> [T, D].
 
     Each (expert, tensor) shard holds E/expert experts with F/tensor of their hidden units and computes
@@ -174,9 +174,9 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     tok = RULES["batch"] if x.shape[0] % mesh.shape["data"] == 0 else None
     e_ax, f_ax = RULES["experts"], RULES["expert_mlp"]
 
-    def body(x, ids, weights, gate, up, down):
+    def body(x, ids, weights, gate, up, down, scales):
         first = jax.lax.axis_index(e_ax) * local if e_ax else 0
-        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first)
+        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales)
         return jax.lax.psum(y, tuple(a for a in (e_ax, f_ax) if a))
 
     shard_map = getattr(jax, "shard_map", None)
@@ -185,6 +185,7 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     return shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(tok, None), P(tok, None), P(tok, None), P(e_ax, None, f_ax), P(e_ax, None, f_ax), P(e_ax, f_ax, None)),
+        in_specs=(P(tok, None), P(tok, None), P(tok, None), P(e_ax, None, f_ax), P(e_ax, None, f_ax),
+                  P(e_ax, f_ax, None), None if scales is None else (P(e_ax, None, None),) * 3),
         out_specs=P(tok, None),
-    )(x, ids, weights, gate, up, down)
+    )(x, ids, weights, gate, up, down, scales)
