@@ -25,6 +25,7 @@ array is ever assembled whole on one host or device first, and any mesh works wh
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -355,7 +356,7 @@ def restore_params(path: str | os.PathLike, dtype: Any = None, shardings: Shardi
                          "--dtype float8_e4m3fn")
     dequantize = M.is_fp8(stored) and not M.is_fp8(target)
     abstract = M.abstract_params(cfg, target)
-    stored_abstract = M.abstract_params(cfg, stored)
+    stored_abstract = abstract if stored == target else M.abstract_params(cfg, stored)
     shard_tree = resolve_shardings(shardings, cfg, target, abstract)
     params_path = os.path.join(path, PARAMS)
     with _orbax(partial_load=True) as ocp:
@@ -374,13 +375,7 @@ def _restore_group(ocp: Any, params_path: str, group: str, n: int, abstract: Any
     """Stacked [n, ...] arrays of one layer group, filled one layer at a time in place (donated buffer)."""
     layer_shardings = jax.tree_util.tree_map(lambda s, a: _layer_sharding(s, len(a.shape)), shardings, abstract)
     per_layer = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
-    stacked = jax.jit(lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), abstract),
-                      out_shardings=shardings)()
-    insert = jax.jit(
-        lambda buf, layer, j: jax.tree_util.tree_map(
-            lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), j, 0), buf, layer),
-        donate_argnums=0, out_shardings=shardings,
-    )
+    stacked = jax.tree_util.tree_map(lambda a, s: jnp.zeros(a.shape, a.dtype, device=s), abstract, shardings)
     if dequantize_to is None:
         layer_target, convert = _target(per_layer(abstract), layer_shardings), None
     else:
@@ -391,8 +386,14 @@ def _restore_group(ocp: Any, params_path: str, group: str, n: int, abstract: Any
         layer = ocp.load(params_path, {group: {str(j): layer_target}})[group][str(j)]
         if convert is not None:
             layer = convert(layer)
-        stacked = insert(stacked, layer, j)
+        stacked = jax.tree_util.tree_map(lambda b, x: _insert(b, x, j), stacked, layer)
     return stacked
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _insert(stacked: jax.Array, layer: jax.Array, j: jax.Array) -> jax.Array:
+    """stacked[j] = layer, in place (the stacked buffer is donated; its sharding is kept)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), j, 0)
 
 
 def _stored_shardings(stored_abstract: dict[str, Any], layer_shardings: dict[str, Any]) -> dict[str, Any]:
