@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -41,6 +42,18 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+@dataclasses.dataclass
+class ChatResult:
+    """One chat answer: the reasoning (between [THINK] and [/THINK]) and the content after it."""
+
+    reasoning: str
+    content: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    token_ids: list[int]
+
+
 class Mistral4:
     """A loaded Mistral 4 text model: config, parameters (a pytree of jax arrays) and jitted functions.
 
@@ -66,6 +79,7 @@ class Mistral4:
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
         self.mesh = mesh
         self.layer_loop = layer_loop
+        self.tokenizer: Any = None
         self._forward = jax.jit(self._forward_impl, static_argnames=("last_only",))
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
@@ -143,6 +157,37 @@ class Mistral4:
         stops = self.config.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
         return self.generator.generate(requests, stops)
 
+    def chat(self, messages: Any, reasoning_effort: str | None = None, max_new_tokens: int = 512,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             seed: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None) -> Any:
+        """Answer one conversation (a list of OpenAI-style messages) or a batch of them.
+
+        Messages are encoded exactly as mistral-common does (`reasoning_effort` "none" or "high" for
+        models that support it). Returns a `ChatResult` (reasoning, content, token counts, finish
+        reason) for one conversation, or a list of them for a batch.
+        """
+        from .tokenizer import split_reasoning
+
+        tok = self.require_tokenizer()
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        if not conversations:
+            raise ValueError("messages must be a conversation (list of dicts) or a non-empty list of conversations")
+        prompts = [tok.encode_chat(conv, reasoning_effort=reasoning_effort) for conv in conversations]
+        stops = (tok.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
+        gens = self.generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops)
+        results = []
+        for g in gens:
+            reasoning, content = split_reasoning(g.tokens, tok)
+            results.append(ChatResult(reasoning, content, g.prompt_tokens, len(g.tokens), g.finish_reason, g.tokens))
+        return results[0] if single else results
+
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: load a directory with tekken.json or tokenizer.json, "
+                             "or set model.tokenizer = Tokenizer.from_dir(...)")
+        return self.tokenizer
+
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 
@@ -156,10 +201,10 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     FP8 weights of a checkpoint converted with `--dtype float8_e4m3fn`); a converted checkpoint is cast
     (FP8 dequantised) while it is read. compute_dtype defaults to float32 on CPU and to `dtype` elsewhere
     (bfloat16 for FP8 weights).
-    mesh: the device mesh the model runs on (passed to `Mistral4`). shardings: where each parameter is
+    mesh: the device mesh the model runs on (`sharding.make_mesh`). shardings: where each parameter is
     placed while loading, as `checkpoint.restore_params` accepts (one `Sharding`, a tree of them, or a
-    callable (logical axes, ShapeDtypeStruct) -> Sharding); a converted checkpoint is restored straight
-    into them. Default: the default device.
+    callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `sharding.RULES` on
+    `mesh` if given, else the default device. A converted checkpoint is restored straight into them.
     """
     from . import checkpoint, hf
 
@@ -167,13 +212,18 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     jdtype = resolve_dtype(dtype)
-    if checkpoint.is_checkpoint(path):
+    converted = checkpoint.is_checkpoint(path)
+    if not converted and M.is_fp8(jdtype):
+        raise ValueError(f"{path}: FP8 weights load from a converted checkpoint: "
+                         f"run `mistral4-jax convert {path} DST --dtype float8_e4m3fn` first")
+    config = checkpoint.read_config(path) if converted else Mistral4Config.from_json(os.path.join(path, "config.json"))
+    if shardings is None and mesh is not None:
+        from .sharding import param_shardings
+
+        shardings = param_shardings(config, mesh, jdtype)
+    if converted:
         config, params = checkpoint.restore_params(path, jdtype, shardings)
     else:
-        if M.is_fp8(jdtype):
-            raise ValueError(f"{path}: FP8 weights load from a converted checkpoint: "
-                             f"run `mistral4-jax convert {path} DST --dtype float8_e4m3fn` first")
-        config = Mistral4Config.from_json(os.path.join(path, "config.json"))
         params = hf.read_params(path, config, np.dtype(jdtype))
         if shardings is None:
             params = jax.device_put(params)
