@@ -317,14 +317,15 @@ def rope_cos_sin(vcfg: VisionConfig, positions: Array) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------- attention
-def block_attention(q: Array, k: Array, v: Array, segments: Array, scale: float, block: int = 512) -> Array:
+def block_attention(q: Array, k: Array, v: Array, segments: Array, scale: float, block: int = 1024) -> Array:
     """Softmax attention of every row over the rows of the same segment (image).
 
     q, k, v [S, N, H]; segments [S] int -> [S, N, H] (q's dtype). Scores and the softmax are float32.
     With S <= block: one masked softmax (as HF's eager attention with a block-diagonal mask). Otherwise
     S is padded to a multiple of `block` and each query block runs an online softmax over the key blocks,
     skipping (lax.cond) key blocks whose segment range does not meet the query block's: memory
-    O(N * block^2), compute ~ the per-image blocks only when segments are contiguous.
+    O(N * block^2), compute ~ the per-image blocks only when segments are contiguous. Query blocks run
+    one after another (`lax.map`): on an accelerator a larger block (2048-4096) means fewer, bigger steps.
     """
     s, n, h = q.shape
     dtype = q.dtype
@@ -415,7 +416,7 @@ class PatchEmbed(_VBase):
 class VisionAttention(_VBase):
     """x [S, D], cos/sin [S, H/2], segments [S] -> [S, D]; attention within each segment (image)."""
 
-    block: int = 512
+    block: int = 1024
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, segments: Array) -> Array:
@@ -447,7 +448,7 @@ class VisionMLP(_VBase):
 class VisionLayer(_VBase):
     """h + attention(attention_norm(h)), then + feed_forward(ffn_norm(h)); h [S, D]."""
 
-    block: int = 512
+    block: int = 1024
 
     @nn.compact
     def __call__(self, h: Array, cos: Array, sin: Array, segments: Array) -> Array:
@@ -627,7 +628,7 @@ def pack_images(pixel_values: Any, vcfg: VisionConfig, image_sizes: Sequence[Seq
 
 # ------------------------------------------------------------------------------------------ forward
 def encode(params: dict[str, Any], vcfg: VisionConfig, patches: Array, positions: Array, segments: Array, *,
-           dtype: Any = jnp.float32, attn_block: int = 512) -> Array:
+           dtype: Any = jnp.float32, attn_block: int = 1024) -> Array:
     """The vision tower: patches [S, K], positions [S, 2], segments [S] -> features [S, D] (dtype).
 
     Returns the hidden state after `vcfg.feature_layers` layers (the output of the last layer for the
@@ -667,7 +668,7 @@ def _features(params: dict[str, Any], vcfg: VisionConfig, patches: Array, positi
 
 def image_features(params: dict[str, Any], vcfg: VisionConfig, pixel_values: Any,
                    image_sizes: Sequence[Sequence[int]] | None = None, *, dtype: Any = jnp.float32,
-                   attn_block: int = 512, bucket: int = 256) -> Array:
+                   attn_block: int = 1024, bucket: int = 256) -> Array:
     """Image embeddings for the `[IMG]` positions: [M, T] in `dtype`, M = sum over images of rows * cols.
 
     pixel_values: preprocessed images (`image.preprocess`): a list of [C, H, W] arrays, or HF's padded
@@ -689,6 +690,8 @@ def scatter_image_features(embeds: Array, input_ids: Array, features: Array, ima
     The count of `[IMG]` tokens must equal M (check with `check_image_token_count` on the host first):
     extra `[IMG]` positions would silently reuse the last feature row.
     """
+    if features.shape[0] == 0:
+        return embeds
     is_img = (input_ids == image_token_index).reshape(-1)
     idx = jnp.clip(jnp.cumsum(is_img) - 1, 0, features.shape[0] - 1)
     flat = embeds.reshape(-1, embeds.shape[-1])
