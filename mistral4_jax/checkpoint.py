@@ -126,7 +126,7 @@ def _orbax(partial_load: bool = False) -> Iterator[Any]:
 def on_disk(path: str | os.PathLike) -> dict[str, Any]:
     """The stored parameter tree's metadata (`.shape`, `.dtype` per array)."""
     with _orbax() as ocp:
-        return ocp.metadata(os.path.join(os.fspath(path), PARAMS)).metadata
+        return ocp.metadata(os.path.join(os.path.abspath(path), PARAMS)).metadata
 
 
 def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any) -> tuple[int, int]:
@@ -346,7 +346,7 @@ def restore_params(path: str | os.PathLike, dtype: Any = None, shardings: Shardi
     reading); an FP8 checkpoint is read as FP8 (with its scales) or dequantised to a float dtype.
     shardings: see `ShardingSpec`; shardings of stacked layer arrays may split any axis, the layer axis too.
     """
-    path = os.fspath(path)
+    path = os.path.abspath(path)
     manifest = read_manifest(path)
     cfg = read_config(path)
     stored = jnp.dtype(manifest["dtype"])

@@ -3,8 +3,9 @@
     mistral4-jax convert SRC DST [--dtype ...] [--text-only] [--overwrite] [--resume]
     mistral4-jax inspect DST
 
-To add a subcommand, write `_add_<name>(subparsers)` that declares its arguments and sets
-`run=<function(args) -> int>`, and list it in `SUBCOMMANDS`. Expected errors (ValueError,
+To add a subcommand, write `_add_<name>(subparsers)` that makes its parser with `_subcommand` (which adds
+the common options, e.g. `-v`), declares its arguments and sets `run=<function(args) -> int>`, and list
+it in `SUBCOMMANDS`. Expected errors (ValueError,
 FileNotFoundError, FileExistsError) print one line on stderr and exit with status 1, no traceback.
 """
 
@@ -14,22 +15,30 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser with the common options."""
+    p = sub.add_parser(name, help=help, **kwargs)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    return p
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     from mistral4_jax.convert import cli
 
-    p = sub.add_parser("convert", help="convert an HF or Mistral checkpoint into an Orbax checkpoint",
-                       description="Convert an HF or Mistral safetensors checkpoint (bf16, float32 or FP8) into "
-                                   "this package's Orbax checkpoint, one layer at a time.")
+    p = _subcommand(sub, "convert", help="convert an HF or Mistral checkpoint into an Orbax checkpoint",
+                    description="Convert an HF or Mistral safetensors checkpoint (bf16, float32 or FP8) into "
+                                "this package's Orbax checkpoint, one layer at a time.")
     cli.add_arguments(p)
     p.set_defaults(run=cli.run)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="print the summary and parameter shapes of a converted checkpoint")
+    p = _subcommand(sub, "inspect", help="print the summary and parameter shapes of a converted checkpoint")
     p.add_argument("path", help="converted checkpoint directory")
     p.set_defaults(run=_inspect)
 
@@ -71,7 +80,6 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral4-jax", description="Mistral Small 4 in JAX: convert, inspect, run.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

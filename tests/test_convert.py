@@ -359,8 +359,9 @@ def test_restore_casts_float_checkpoints(bf16_out):
         checkpoint.restore_params(bf16_out, "float8_e4m3fn")
 
 
-def test_inspect(bf16_out, capsys):
-    assert run_cli("inspect", bf16_out) == 0
+def test_inspect(bf16_out, capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(bf16_out))
+    assert run_cli("inspect", os.path.basename(bf16_out)) == 0
     out = capsys.readouterr().out
     assert "dtype       bfloat16" in out and f"parameters  {checkpoint.read_manifest(bf16_out)['parameters']:,}" in out
     assert "layers_moe/attn/q_b_proj" in out and "[2, 32, 4, 16]" in out
