@@ -11,7 +11,8 @@ Mistral's native names (`tok_embeddings`, `layers.N.attention.wq_a`, `layers.N.e
 `qscale_weight` scales), renamed onto the HF names by `canonical_name` as HF's own mistral4 converter does.
 Experts fused (`mlp.experts.gate_up_proj`) or per expert (`mlp.experts.N.{gate,up,down}_proj.weight`).
 FP8 weights (F8_E4M3) are dequantised as `float(w) * weight_scale_inv` (per tensor, per expert [E,1,1],
-or per 128x128 block with ragged edges).
+or per block of the config's `quantization_config.weight_block_size`, 128x128 by default, ragged edge
+blocks included).
 """
 
 from __future__ import annotations
