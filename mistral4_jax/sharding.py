@@ -174,10 +174,15 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     tok = RULES["batch"] if x.shape[0] % mesh.shape["data"] == 0 else None
     e_ax, f_ax = RULES["experts"], RULES["expert_mlp"]
 
+    manual = tuple(a for a in (e_ax, f_ax) if a)
+
     def body(x, ids, weights, gate, up, down, scales):
+        # tokens are the same on every expert/tensor shard; mark them as varying there so that values
+        # mixing tokens and local weights (e.g. the per-expert lax.cond branches) have one type
+        x, ids, weights = (_vary(a, manual) for a in (x, ids, weights))
         first = jax.lax.axis_index(e_ax) * local if e_ax else 0
         y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales)
-        return jax.lax.psum(y, tuple(a for a in (e_ax, f_ax) if a))
+        return jax.lax.psum(y, manual)
 
     shard_map = getattr(jax, "shard_map", None)
     if shard_map is None:  # jax < 0.6
@@ -189,3 +194,14 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
                   P(e_ax, f_ax, None), None if scales is None else (P(e_ax, None, None),) * 3),
         out_specs=P(tok, None),
     )(x, ids, weights, gate, up, down, scales)
+
+
+def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Mark a shard_map value as varying over `axes` (a no-op on jax versions without varying types)."""
+    if not axes:
+        return x
+    if hasattr(jax.lax, "pvary"):
+        return jax.lax.pvary(x, axes)
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return x
