@@ -193,7 +193,7 @@ class Mistral4:
 
 
 def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
-         shardings: Any = None) -> Mistral4:
+         shardings: Any = None, layer_loop: str = "scan") -> Mistral4:
     """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
     checkpoint directory (config.json + safetensors).
 
@@ -205,6 +205,8 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     placed while loading, as `checkpoint.restore_params` accepts (one `Sharding`, a tree of them, or a
     callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `sharding.RULES` on
     `mesh` if given, else the default device. A converted checkpoint is restored straight into them.
+    layer_loop: see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
+    as `model.tokenizer` when present.
     """
     from . import checkpoint, hf
 
@@ -233,4 +235,19 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     log.info("loaded %s (%d layers) from %s", type(config).__name__, config.num_hidden_layers, path)
     if compute_dtype is None and M.is_fp8(jdtype):
         compute_dtype = default_compute_dtype(jnp.bfloat16)
-    return Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh)
+    model = Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh, layer_loop=layer_loop)
+    model.tokenizer = _find_tokenizer(path)
+    return model
+
+
+def _find_tokenizer(path: str) -> Any:
+    """The tokenizer stored in `path`, or None (with a warning if one is there but cannot be read)."""
+    from .tokenizer import Tokenizer
+
+    if not any(os.path.exists(os.path.join(path, n)) for n in ("tekken.json", "tokenizer.json")):
+        return None
+    try:
+        return Tokenizer.from_dir(path)
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        log.warning("%s: tokenizer not loaded (%s)", path, e)
+        return None

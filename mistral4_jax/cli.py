@@ -2,6 +2,10 @@
 
     mistral4-jax convert SRC DST [--dtype ...] [--text-only] [--overwrite] [--resume]
     mistral4-jax inspect DST
+    mistral4-jax plan --config configs/mistral-small-4-119b.json --mesh expert=8,tensor=2 --hbm 16GiB
+    mistral4-jax generate --checkpoint DIR --prompt "..." [--reasoning-effort high] [--mesh ...]
+    mistral4-jax generate --checkpoint DIR --input requests.jsonl --output results.jsonl
+    mistral4-jax chat --checkpoint DIR
 
 To add a subcommand, write `_add_<name>(subparsers)` that makes its parser with `_subcommand` (which adds
 the common options, e.g. `-v`), declares its arguments and sets `run=<function(args) -> int>`, and list
@@ -75,7 +79,14 @@ def _stacked(arrays: list[tuple[str, tuple[int, ...], str]]) -> list[tuple[str, 
             for name, (shape, dtype, n) in out.items()]
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_inspect]
+def _add_running(sub: argparse._SubParsersAction) -> None:
+    from . import run_cli
+
+    for add in (run_cli.add_plan, run_cli.add_generate, run_cli.add_chat):
+        add(sub, _subcommand)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_inspect, _add_running]
 
 
 def build_parser() -> argparse.ArgumentParser:

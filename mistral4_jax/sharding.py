@@ -51,8 +51,11 @@ RULES: dict[str, str | None] = {
 
 
 def parse_mesh(spec: str | dict[str, int], num_devices: int | None = None) -> dict[str, int]:
-    """"data=1,expert=4,tensor=2" (one axis may be -1 = the rest; omitted axes are 1) -> sizes per axis."""
-    n = jax.device_count() if num_devices is None else num_devices
+    """"data=1,expert=4,tensor=2" (one axis may be -1 = the rest; omitted axes are 1) -> sizes per axis.
+
+    num_devices: the devices the mesh must cover; None = this system's devices if an axis is -1, else
+    whatever the sizes multiply to (for planning other hardware).
+    """
     if isinstance(spec, str):
         sizes: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -75,6 +78,7 @@ def parse_mesh(spec: str | dict[str, int], num_devices: int | None = None) -> di
     if any(s == 0 or s < -1 for s in sizes.values()):
         raise ValueError(f"--mesh: axis sizes must be positive (or one -1), got {sizes}")
     known = math.prod(s for s in sizes.values() if s != -1)
+    n = num_devices if num_devices is not None else (jax.device_count() if rest else known)
     if rest:
         if n % known:
             raise ValueError(f"--mesh: {known} devices in the fixed axes do not divide the {n} devices")
@@ -112,12 +116,12 @@ def param_shardings(cfg: Mistral4Config, mesh: Mesh, param_dtype: Any = jnp.floa
     from .model import abstract_params, param_axes
 
     axes = param_axes(cfg, param_dtype)
-    check_divisible(abstract_params(cfg, param_dtype), axes, mesh, rules)
+    check_divisible(abstract_params(cfg, param_dtype), axes, dict(mesh.shape), rules)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), _tree_of_specs(axes, rules),
                                   is_leaf=lambda x: isinstance(x, P))
 
 
-def check_divisible(abstract: Any, axes: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) -> None:
+def check_divisible(abstract: Any, axes: Any, mesh: dict[str, int], rules: dict[str, str | None] = RULES) -> None:
     """ValueError naming the parameter and axis when a mesh axis does not divide the dimension it shards."""
     flat_axes = jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
     flat = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(abstract))
@@ -126,10 +130,10 @@ def check_divisible(abstract: Any, axes: Any, mesh: Mesh, rules: dict[str, str |
         shape = flat[key].shape
         for dim, name in zip(shape, names):
             mesh_axis = rules.get(name) if name else None
-            if mesh_axis and dim % mesh.shape[mesh_axis]:
+            if mesh_axis and dim % mesh[mesh_axis]:
                 raise ValueError(
                     f"parameter {key}: its {name!r} dimension ({dim}) is not divisible by mesh axis "
-                    f"{mesh_axis}={mesh.shape[mesh_axis]}"
+                    f"{mesh_axis}={mesh[mesh_axis]}"
                 )
 
 

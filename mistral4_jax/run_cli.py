@@ -1,0 +1,235 @@
+"""The running subcommands of the CLI: `plan`, `generate` (streaming or JSONL batch) and `chat`.
+
+Multi-host: with `--coordinator HOST:PORT --num-processes N --process-id I` (or the usual
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables, or nothing on a
+TPU pod where jax finds its peers itself with `--distributed`), every host runs the same command;
+each restores only the shards it owns, and host 0 alone prints and writes outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------- options
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="converted checkpoint (or HF directory)")
+    p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16, float8_e4m3fn "
+                   "(default: the checkpoint's; float32 for HF directories)")
+    p.add_argument("--mesh", default=None, help="e.g. data=1,expert=4,tensor=2 (one axis may be -1); default one device")
+    p.add_argument("--layer-loop", default="scan", choices=["scan", "unroll"],
+                   help="scan (compile time flat in depth) or unroll (faster CPU decode)")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods)")
+    p.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reasoning-effort", default=None, help="none or high")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize from flags or environment; no-op for a single process."""
+    import jax
+
+    coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator or args.distributed:
+        kwargs: dict[str, Any] = {}
+        if coordinator:
+            kwargs.update(coordinator_address=coordinator,
+                          num_processes=args.num_processes or int(os.environ["JAX_NUM_PROCESSES"]),
+                          process_id=args.process_id if args.process_id is not None else int(os.environ["JAX_PROCESS_ID"]))
+        jax.distributed.initialize(**kwargs)
+        log.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(), jax.device_count())
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    import mistral4_jax
+    from mistral4_jax import checkpoint
+    from mistral4_jax.sharding import make_mesh
+
+    init_distributed(args)
+    dtype = args.dtype
+    if dtype is None:
+        dtype = checkpoint.read_manifest(args.checkpoint)["dtype"] if checkpoint.is_checkpoint(args.checkpoint) else "float32"
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    t0 = time.perf_counter()
+    model = mistral4_jax.load(args.checkpoint, dtype=dtype, mesh=mesh, layer_loop=args.layer_loop)
+    log.info("loaded %s in %.1f s", args.checkpoint, time.perf_counter() - t0)
+    return model
+
+
+def is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------------------ plan
+def add_plan(sub: Any, subcommand: Any) -> None:
+    p = subcommand(sub, "plan", help="memory per device for weights and KV cache on a mesh (nothing allocated)")
+    p.add_argument("--config", required=True, help="configs/<name>.json, an HF config.json or a checkpoint directory")
+    p.add_argument("--mesh", default="data=1,expert=1,tensor=1")
+    p.add_argument("--devices", type=int, default=None, help="device count for a -1 axis (default: this machine's)")
+    p.add_argument("--dtype", default="bfloat16", help="weights: float32, bfloat16, float8_e4m3fn")
+    p.add_argument("--cache-dtype", default=None, help="KV cache dtype (default bfloat16 for FP8 weights, else the weights')")
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--hbm", default=None, help="memory per device, e.g. 16GiB; prints what fits")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from mistral4_jax import Mistral4Config
+    from mistral4_jax.api import resolve_dtype
+    from mistral4_jax.plan import format_plan, memory_plan, parse_bytes
+    from mistral4_jax.sharding import parse_mesh
+
+    path = args.config
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
+        from mistral4_jax import checkpoint
+
+        cfg = checkpoint.read_config(path)
+    else:
+        cfg = Mistral4Config.from_json(path)
+    mesh = parse_mesh(args.mesh, args.devices)
+    plan = memory_plan(cfg, mesh, resolve_dtype(args.dtype), resolve_dtype(args.cache_dtype) if args.cache_dtype else None,
+                       args.batch, args.context, parse_bytes(args.hbm) if args.hbm else None)
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- generate
+def add_generate(sub: Any, subcommand: Any) -> None:
+    p = subcommand(sub, "generate", help="generate from a prompt (streaming) or a JSONL batch of chat requests")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.add_argument("--prompt", default=None, help="user message; the answer streams to the terminal")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--image", action="append", default=[], help="image file for --prompt (repeatable)")
+    p.add_argument("--input", default=None, help="requests.jsonl: one chat request per line")
+    p.add_argument("--output", default=None, help="results.jsonl (with --input)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per device batch in --input mode")
+    p.set_defaults(run=run_generate)
+
+
+def _messages(args: argparse.Namespace, text: str) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = []
+    if args.system:
+        msgs.append({"role": "system", "content": args.system})
+    if args.image:
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": path}} for path in args.image]
+        msgs.append({"role": "user", "content": parts + [{"type": "text", "text": text}]})
+    else:
+        msgs.append({"role": "user", "content": text})
+    return msgs
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if bool(args.prompt) == bool(args.input):
+        raise ValueError("give exactly one of --prompt or --input")
+    if args.input and not args.output:
+        raise ValueError("--input needs --output")
+    model = load_model(args)
+    if args.input:
+        return _batch(model, args)
+    _stream_answer(model, _messages(args, args.prompt), args)
+    return 0
+
+
+def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Stream one answer to stdout; returns the answer's content."""
+    from mistral4_jax.generate import Request
+    from mistral4_jax.sampling import SamplingParams
+    from mistral4_jax.tokenizer import split_reasoning
+
+    tok = model.require_tokenizer()
+    prompt = model.encode_messages(messages, args.reasoning_effort) if hasattr(model, "encode_messages") \
+        else tok.encode_chat(messages, reasoning_effort=args.reasoning_effort)
+    request = Request(prompt, args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p), args.seed)
+    decoder = tok.incremental_decoder(skip_special=False)
+    main = is_main_process()
+    t0 = time.perf_counter()
+    tokens: list[int] = []
+    for chunk in model.generator.stream([request], [tok.eos_id], chunk=8):
+        tokens.extend(chunk[0])
+        text = decoder.feed(chunk[0])
+        if main and text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    if main:
+        sys.stdout.write(decoder.flush() + "\n")
+        result = model.generator.last_results[0]
+        dt = time.perf_counter() - t0
+        print(f"[{len(result.tokens)} tokens in {dt:.1f} s, {len(result.tokens) / max(dt, 1e-9):.1f} tokens/s, "
+              f"finish: {result.finish_reason}]", file=sys.stderr)
+    return split_reasoning(tokens, tok)[1]
+
+
+def _batch(model: Any, args: argparse.Namespace) -> int:
+    from mistral4_jax import batch
+
+    with open(args.input) as f:
+        lines = f.read().splitlines()
+    defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed}
+    if args.reasoning_effort:
+        defaults["reasoning_effort"] = args.reasoning_effort
+    results = list(batch.run(model, lines, defaults, args.batch_size))
+    if is_main_process():
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            for r in results:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, args.output)
+    errors = sum("error" in r for r in results)
+    log.info("%d requests, %d errors -> %s", len(results), errors, args.output)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ chat
+def add_chat(sub: Any, subcommand: Any) -> None:
+    p = subcommand(sub, "chat", help="interactive chat session (/reset clears the history, /exit quits)")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(run=run_chat, image=[])
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    base = list(history)
+    print("chat: type a message; /reset clears the history, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(base)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        answer = _stream_answer(model, history, args)
+        history.append({"role": "assistant", "content": answer})
+    return 0
