@@ -6,6 +6,7 @@
     mistral4-jax generate --checkpoint DIR --prompt "..." [--reasoning-effort high] [--mesh ...]
     mistral4-jax generate --checkpoint DIR --input requests.jsonl --output results.jsonl
     mistral4-jax chat --checkpoint DIR
+    mistral4-jax demo
 
 To add a subcommand, write `_add_<name>(subparsers)` that makes its parser with `_subcommand` (which adds
 the common options, e.g. `-v`), declares its arguments and sets `run=<function(args) -> int>`, and list
@@ -82,7 +83,9 @@ def _stacked(arrays: list[tuple[str, tuple[int, ...], str]]) -> list[tuple[str, 
 def _add_running(sub: argparse._SubParsersAction) -> None:
     from . import run_cli
 
-    for add in (run_cli.add_plan, run_cli.add_generate, run_cli.add_chat):
+    from . import demo
+
+    for add in (run_cli.add_plan, run_cli.add_generate, run_cli.add_chat, demo.add_demo):
         add(sub, _subcommand)
 
 
