@@ -9,6 +9,12 @@ Output dtypes: "bfloat16" and "float32" hold exact values (float sources cast, F
 FP8 sources with per-tensor or per-expert scales are kept bit for bit with their scales (k_b_proj and
 v_b_proj share kv_b_proj's scale); float sources are quantised with a scale `amax / 448` per tensor
 (per expert for the routed experts); block-scaled FP8 sources are refused (convert those to bfloat16).
+
+Vision (a multimodal source, unless `text_only`): the Pixtral tower and projector, from HF or native names
+(`vision.read_vision_params`), are one more piece ("vision", written right after the globals so that a
+bad vision tensor fails early), stored in bfloat16 for "float8_e4m3fn" and in the output dtype otherwise;
+the vision config goes to `vision_config.json`. That piece is read whole (~0.4 B parameters, float32 while
+it is laid out), unlike the text layers.
 """
 
 from __future__ import annotations
@@ -162,14 +168,17 @@ def convert(
     source = open_source(src)
     cfg = source.config
     vision = source.vision_tensors()
-    if vision and not text_only:
-        log.warning("%s: skipping %d vision tensors (vision is not converted yet); pass --text-only to silence this",
-                    source.path, len(vision))
+    vcfg = vision_config(source) if vision and not text_only else None
+    if vision and text_only:
+        log.info("%s: skipping %d vision tensors (--text-only)", source.path, len(vision))
     lazy = plan(source)
     abstract = M.abstract_params(cfg, jnp.dtype(dtype))
-    targets = {p: ckpt.piece_abstract(cfg, jnp.dtype(dtype), p, abstract) for p in ckpt.pieces(cfg)}
+    targets = {p: ckpt.piece_abstract(cfg, jnp.dtype(dtype), p, abstract, vcfg) for p in ckpt.pieces(cfg, vcfg)}
     for piece, target in targets.items():
-        _check(lazy[piece], target, piece)
+        if piece != ckpt.VISION:
+            _check(lazy[piece], target, piece)
+    if vcfg is not None:
+        lazy[ckpt.VISION] = lambda target: read_vision(source, vcfg, target)
 
     identity = {"source_sha256": source.sha256, "dtype": dtype, "text_only": text_only,
                 "converter_version": mistral4_jax.__version__, "format_version": ckpt.FORMAT_VERSION}
@@ -177,17 +186,58 @@ def convert(
     _write_pieces(writer, lazy, targets, progress)
 
     def manifest(tmp: str) -> dict[str, Any]:
-        tensors, parameters = ckpt.verify(tmp, cfg, dtype)
-        return {
+        tensors, parameters = ckpt.verify(tmp, cfg, dtype, vcfg)
+        out = {
             "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "converter_version": mistral4_jax.__version__,
             "source": {"path": source.path, "format": source.format, "sha256": source.sha256,
-                       "tensors": len(source.index.names()), "vision_tensors_skipped": len(vision)},
+                       "tensors": len(source.index.names()), "vision_tensors_skipped": 0 if vcfg else len(vision)},
             "dtype": dtype, "text_only": text_only, "tensors": tensors, "parameters": parameters,
             "layers": {group: n for group, n, _ in M.layer_groups(cfg)},
             "files": sorted(source.files),
         }
+        if vcfg is not None:
+            v_tensors, v_params = ckpt.count(ckpt.vision_abstract(vcfg, dtype))
+            out["vision"] = {"dtype": ckpt.vision_dtype(dtype).name, "layers": vcfg.num_hidden_layers,
+                             "tensors": v_tensors, "parameters": v_params, "source_tensors": len(vision)}
+        return out
 
-    return writer.finish(source.files, {ckpt.CONFIG: cfg.to_dict()}, manifest)
+    json_files: dict[str, Any] = {ckpt.CONFIG: cfg.to_dict()}
+    if vcfg is not None:
+        json_files[ckpt.VISION_CONFIG] = vcfg.to_dict()
+    return writer.finish(source.files, json_files, manifest)
+
+
+def vision_config(source: Source) -> Any:
+    """The `vision.VisionConfig` of a source with vision tensors: from the HF `mistral3` config.json
+    (`vision_config` + top-level fields) or from Mistral's params.json (`vision_encoder`). ValueError,
+    suggesting --text-only, when the config has none or it does not fit."""
+    import json
+
+    from mistral4_jax import vision
+
+    if source.format == "hf":
+        file = source.files.get("source_config.json", os.path.join(source.path, "config.json"))
+        read = vision.VisionConfig.from_hf_dict
+    else:
+        file = os.path.join(source.path, "params.json")
+        read = vision.VisionConfig.from_mistral_params
+    with open(file) as f:
+        raw = json.load(f)
+    try:
+        return read(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}; the checkpoint has {len(source.vision_tensors())} vision tensors "
+                         "(pass --text-only to convert the text model alone)") from None
+
+
+def read_vision(source: Source, vcfg: Any, target: dict[str, Any]) -> dict[str, Any]:
+    """The vision piece as numpy arrays in the target dtypes (bfloat16/float32, never FP8): every vision tensor
+    read (FP8 sources dequantised), checked and laid out by `vision.read_vision_params`."""
+    from mistral4_jax import vision
+
+    dt = np.dtype(jax.tree_util.tree_leaves(target)[0].dtype)
+    get = vision.tensor_getter(source.index, source.path, source.fp8_block)
+    return vision.read_vision_params(get, source.index.names(), vcfg, dt)
 
 
 def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: dict[str, Any], progress: bool) -> None:
@@ -208,7 +258,9 @@ def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: 
               desc="converting", disable=not progress, dynamic_ncols=True) as bar:
         for piece, target in targets.items():
             if not writer.done(piece):
-                writer.save(piece, materialize(lazy[piece], target), after_save)
+                tree = lazy[piece](target) if callable(lazy[piece]) else materialize(lazy[piece], target)
+                writer.save(piece, tree, after_save)
+                del tree  # not held while the next piece is read
                 log.debug("wrote %s", piece)
             done_tensors += len(jax.tree_util.tree_leaves(target))
             bar.set_postfix_str(f"{done_tensors}/{total_tensors} tensors", refresh=False)

@@ -54,8 +54,19 @@ class ChatResult:
     token_ids: list[int]
 
 
+def vision_dtype(dtype: Any) -> Any:
+    """Storage dtype of the vision tower and projector for text weights in `dtype`: bfloat16 when the text
+    weights are FP8 (the released checkpoint keeps vision in bf16), else the same float dtype."""
+    return jnp.bfloat16 if M.is_fp8(dtype) else resolve_dtype(dtype)
+
+
+def feature_bucket(n: int, minimum: int = 16) -> int:
+    """Image feature rows are padded to a power of two (≥ 16) so that prefill compiles once per bucket."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
 class Mistral4:
-    """A loaded Mistral 4 text model: config, parameters (a pytree of jax arrays) and jitted functions.
+    """A loaded Mistral 4 model: config, parameters (a pytree of jax arrays) and jitted functions.
 
     `dtype` is the storage dtype of the parameters, `compute_dtype` the dtype of activations.
     `mesh`: a ("data", "expert", "tensor") mesh (`sharding.make_mesh`) to shard the parameters over
@@ -63,10 +74,13 @@ class Mistral4:
     `layer_loop`: "scan" runs the stacked layers under `lax.scan` (compile time flat in depth; the
     default), "unroll" unstacks them into per-layer arrays and unrolls the loop (faster weight reads
     on CPU decode, compile time grows with depth).
+    `vision_config` / `vision_params`: the Pixtral tower + Mistral 3 projector (`vision.VisionConfig`, the
+    tree of `vision.read_vision_params` / `vision.init_params`), or None for a text-only model. Images
+    (`logits(..., images=)`, `generate(..., images=)`, image parts in `chat`) need them.
     """
 
     def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
-                 mesh: Any = None, layer_loop: str = "scan") -> None:
+                 mesh: Any = None, layer_loop: str = "scan", vision_config: Any = None, vision_params: Any = None) -> None:
         if layer_loop not in ("scan", "unroll"):
             raise ValueError(f"layer_loop must be 'scan' or 'unroll', got {layer_loop!r}")
         self.config = config
@@ -81,15 +95,99 @@ class Mistral4:
         self.layer_loop = layer_loop
         self.tokenizer: Any = None
         self._forward = jax.jit(self._forward_impl, static_argnames=("last_only",))
+        if (vision_config is None) != (vision_params is None):
+            raise ValueError("vision_config and vision_params must be given together (or neither, for a text-only model)")
+        self.vision_config = vision_config
+        self.vision_params: Any = None
+        self.image_processor: Any = None
+        if vision_config is not None:
+            from .image import ImageProcessor
+
+            if vision_config.text_hidden_size != config.hidden_size:
+                raise ValueError(f"vision config text_hidden_size ({vision_config.text_hidden_size}) differs from the "
+                                 f"text model's hidden_size ({config.hidden_size})")
+            if not 0 <= vision_config.image_token_index < config.vocab_size:
+                raise ValueError(f"image_token_index {vision_config.image_token_index} is outside the vocabulary "
+                                 f"[0, {config.vocab_size})")
+            placement = None
+            if mesh is not None:  # the tower is small: replicated on every device of the mesh
+                placement = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self.vision_params = jax.device_put(vision_params, placement)
+            self.image_processor = ImageProcessor.from_vision_config(vision_config)
+
+    # ------------------------------------------------------------------------------------------- images
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_config is not None
+
+    def require_vision(self, what: str = "images") -> None:
+        if self.vision_config is None:
+            raise ValueError(f"{what}: this model has no vision tower (a text-only checkpoint, or one converted or "
+                             "loaded with text_only); images cannot be used")
+
+    def pixel_values(self, images: Any) -> list[np.ndarray]:
+        """Preprocessed pixel arrays [3, H, W] of a list of images: `image.ProcessedImage`s, float pixel
+        arrays [3, H, W] (taken as already preprocessed), or image sources (paths, bytes, data URIs, PIL
+        images, uint8 arrays), preprocessed with `self.image_processor` (transformers' resize).
+        ValueError naming the image for bad input or a model without a vision tower."""
+        from .image import describe
+
+        self.require_vision()
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        out = []
+        c = self.vision_config.num_channels
+        for i, x in enumerate(images):
+            if hasattr(x, "pixel_values") and hasattr(x, "token_ids"):
+                x = x.pixel_values
+            elif not (isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 3 and np.shape(x)[0] == c
+                      and np.issubdtype(np.asarray(x).dtype, np.floating)):
+                x = self.image_processor.preprocess(x, f"{i} ({describe(x)})").pixel_values
+            out.append(np.asarray(x, np.float32))
+        return out
+
+    def image_features(self, images: Any) -> jax.Array:
+        """Image embeddings [M, hidden] (compute dtype) of a list of images (see `pixel_values`), in order:
+        row m replaces the m-th `[IMG]` token of the prompt."""
+        from .vision import image_features
+
+        return image_features(self.vision_params, self.vision_config, self.pixel_values(images), dtype=self.compute_dtype)
+
+    def request_image_features(self, prompts: Sequence[Any], images: Sequence[Any]) -> jax.Array:
+        """Features of every prompt's images, prompts in order (batch rows), padded to `feature_bucket` rows;
+        ValueError naming the prompt when its `[IMG]` tokens and its images' features differ in number."""
+        from .vision import num_image_tokens
+
+        self.require_vision()
+        if len(images) != len(prompts):
+            raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts (one list per prompt)")
+        pixels: list[np.ndarray] = []
+        idx = self.vision_config.image_token_index
+        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+            px = self.pixel_values(list(imgs or ()))
+            n_feat = sum(int(np.prod(num_image_tokens(x.shape[1], x.shape[2], self.vision_config))) for x in px)
+            n_tok = int(np.sum(np.asarray(prompt) == idx))
+            if n_tok != n_feat:
+                raise ValueError(f"prompt {i}: {n_tok} [IMG] tokens (id {idx}) but its {len(px)} image(s) give {n_feat} "
+                                 "image features (more images than [IMG] slots, or a token layout that does not match "
+                                 "the images)")
+            pixels.extend(px)
+        feats = self.image_features(pixels) if pixels else jnp.zeros((0, self.config.hidden_size), self.compute_dtype)
+        pad = feature_bucket(feats.shape[0]) - feats.shape[0]
+        return jnp.pad(feats, ((0, pad), (0, 0)))
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
         """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code)."""
         return M.forward(params, self.config, input_ids, positions, key_valid, dtype=self.compute_dtype,
                          param_dtype=self.dtype, mesh=self.mesh, **kwargs)
 
-    def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False):
+    def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False,
+                      image_features: jax.Array | None = None):
         positions = positions_from_mask(attention_mask)
-        logits, expert_ids, _ = self.apply(params, input_ids, positions, attention_mask.astype(bool), last_only=last_only)
+        extra = {} if image_features is None else {"image_features": image_features,
+                                                    "image_token_index": self.vision_config.image_token_index}
+        logits, expert_ids, _ = self.apply(params, input_ids, positions, attention_mask.astype(bool), last_only=last_only,
+                                           **extra)
         return logits, expert_ids
 
     def _check_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -110,14 +208,28 @@ class Mistral4:
                 raise ValueError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids")
         return ids.astype(np.int32), mask.astype(np.int32)
 
-    def forward(self, input_ids: Any, attention_mask: Any = None, last_only: bool = False) -> tuple[jax.Array, jax.Array | None]:
-        """(logits [B, T or 1, vocab] float32, routed expert ids [moe_layers, B, T, K] or None), as jax arrays."""
-        ids, mask = self._check_inputs(input_ids, attention_mask)
-        return self._forward(self.params, ids, mask, last_only=last_only)
+    def forward(self, input_ids: Any, attention_mask: Any = None, last_only: bool = False,
+                images: Any = None) -> tuple[jax.Array, jax.Array | None]:
+        """(logits [B, T or 1, vocab] float32, routed expert ids [moe_layers, B, T, K] or None), as jax arrays.
 
-    def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
-        """float32 logits [B, T, vocab] as a numpy array. input_ids [B, T] (or [T]); attention_mask 1 = token, 0 = padding."""
-        return np.asarray(self.forward(input_ids, attention_mask)[0])
+        images: for a model with a vision tower, the images of the whole batch in prompt order (row 0's
+        images, then row 1's, ...; see `pixel_values` for the accepted kinds); their features replace the
+        `[IMG]` tokens in order. Their number of features must equal the number of `[IMG]` tokens."""
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        if images is None or (isinstance(images, (list, tuple)) and not images):
+            return self._forward(self.params, ids, mask, last_only=last_only)
+        from .vision import check_image_token_count
+
+        self.require_vision()
+        feats = self.image_features(images)
+        check_image_token_count(ids, feats.shape[0], self.vision_config.image_token_index)
+        feats = jnp.pad(feats, ((0, feature_bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
+        return self._forward(self.params, ids, mask, last_only=last_only, image_features=feats)
+
+    def logits(self, input_ids: Any, attention_mask: Any = None, images: Any = None) -> np.ndarray:
+        """float32 logits [B, T, vocab] as a numpy array. input_ids [B, T] (or [T]); attention_mask 1 = token,
+        0 = padding; images: see `forward`."""
+        return np.asarray(self.forward(input_ids, attention_mask, images=images)[0])
 
     @property
     def generator(self):
@@ -129,31 +241,43 @@ class Mistral4:
         return self._generator
 
     def _requests(self, prompts: Any, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                  min_p: float, seed: int | Sequence[int]) -> list:
+                  min_p: float, seed: int | Sequence[int], images: Any = None) -> list:
         from .generate import Request
         from .sampling import SamplingParams
 
-        if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer)):
+        single = isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], (int, np.integer))
+        if single:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists")
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"seed has {len(seeds)} entries for {len(prompts)} prompts")
+        if images is None:
+            images = [()] * len(prompts)
+        else:
+            if single and (not isinstance(images, (list, tuple)) or not images or not isinstance(images[0], (list, tuple))):
+                images = [images]  # one prompt: a flat list of its images
+            if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
+                raise ValueError(f"images must hold one list of images per prompt ({len(prompts)} prompts)")
+            images = [[] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x]) for x in images]
+            if any(images):
+                self.require_vision()
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        return [Request(list(p), max_new_tokens, sampling, s) for p, s in zip(prompts, seeds)]
+        return [Request(list(p), max_new_tokens, sampling, s, tuple(im)) for p, s, im in zip(prompts, seeds, images)]
 
     def generate(self, prompts: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, seed: int | Sequence[int] = 0,
-                 stop_token_ids: Sequence[int] | None = None) -> list:
+                 stop_token_ids: Sequence[int] | None = None, images: Any = None) -> list:
         """Generate for a batch of token-id prompts (lists of different lengths are fine).
 
         temperature 0 is greedy; top_k 0 and top_p 1 and min_p 0 switch those filters off. `seed` is
         one int (row i uses seed + i) or one per prompt; the same seed gives the same tokens.
-        stop_token_ids default to the config's eos ids. Returns one `Generation` (tokens without the
-        stop token, finish_reason "stop"/"length", prompt_tokens) per prompt, in order.
+        stop_token_ids default to the config's eos ids. images: one list of images per prompt (for one
+        prompt, its list), each prompt's `[IMG]` tokens filled in order (see `pixel_values`). Returns one
+        `Generation` (tokens without the stop token, finish_reason "stop"/"length", prompt_tokens) per prompt.
         """
-        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed)
+        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, images)
         stops = self.config.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
         return self.generator.generate(requests, stops)
 
@@ -163,8 +287,11 @@ class Mistral4:
         """Answer one conversation (a list of OpenAI-style messages) or a batch of them.
 
         Messages are encoded exactly as mistral-common does (`reasoning_effort` "none" or "high" for
-        models that support it). Returns a `ChatResult` (reasoning, content, token counts, finish
-        reason) for one conversation, or a list of them for a batch.
+        models that support it). User messages may hold images as OpenAI-style parts
+        (`{"type": "image_url", "image_url": {"url": path | file:// | data URI}}` or `{"type": "image",
+        "image": PIL image | bytes | path | uint8 array}`) for a model with a vision tower (see
+        `encode_chat`). Returns a `ChatResult` (reasoning, content, token counts, finish reason) for one
+        conversation, or a list of them for a batch.
         """
         from .tokenizer import split_reasoning
 
@@ -173,14 +300,39 @@ class Mistral4:
         conversations = [messages] if single else list(messages)
         if not conversations:
             raise ValueError("messages must be a conversation (list of dicts) or a non-empty list of conversations")
-        prompts = [tok.encode_chat(conv, reasoning_effort=reasoning_effort) for conv in conversations]
+        encoded = [self.encode_chat(conv, reasoning_effort=reasoning_effort) for conv in conversations]
+        prompts, images = [e[0] for e in encoded], [e[1] for e in encoded]
         stops = (tok.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
-        gens = self.generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops)
+        gens = self.generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops,
+                             images=images if any(images) else None)
         results = []
         for g in gens:
             reasoning, content = split_reasoning(g.tokens, tok)
             results.append(ChatResult(reasoning, content, g.prompt_tokens, len(g.tokens), g.finish_reason, g.tokens))
         return results[0] if single else results
+
+    def encode_chat(self, messages: Any, reasoning_effort: str | None = None,
+                    continue_final_message: bool = False) -> tuple[list[int], list[Any]]:
+        """(prompt ids, preprocessed images in `[IMG]` order) of one conversation, through the tokenizer's
+        `encode_chat_with_images` (mistral-common's ids; pixels from `image.ImageProcessor`). ValueError
+        for images with a text-only model, or a tokenizer whose image layout does not fit the vision tower."""
+        from .tokenizer import has_image_parts
+
+        tok = self.require_tokenizer()
+        if not has_image_parts(messages):
+            return tok.encode_chat(messages, reasoning_effort=reasoning_effort,
+                                   continue_final_message=continue_final_message), []
+        self.require_vision("image parts in the messages")
+        ids, images = tok.encode_chat_with_images(messages, reasoning_effort=reasoning_effort,
+                                                  continue_final_message=continue_final_message,
+                                                  image_processor=self.image_processor)
+        v = self.vision_config
+        proc = tok.image_processor(self.image_processor)
+        if proc.merged_patch_size != v.merged_patch_size or proc.image_token_id != v.image_token_index:
+            raise ValueError(f"the tokenizer's image layout (patch {proc.patch_size} x merge {proc.spatial_merge_size}, "
+                             f"[IMG] id {proc.image_token_id}) does not fit the vision tower (patch {v.patch_size} x "
+                             f"merge {v.spatial_merge_size}, image_token_index {v.image_token_index})")
+        return ids, images
 
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -189,11 +341,13 @@ class Mistral4:
         return self.tokenizer
 
     def num_params(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+        """Parameters of the text model and, if loaded, the vision tower and projector."""
+        trees = [self.params] + ([self.vision_params] if self.vision_params is not None else [])
+        return sum(int(np.prod(x.shape)) for t in trees for x in jax.tree_util.tree_leaves(t))
 
 
 def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
-         shardings: Any = None, layer_loop: str = "scan") -> Mistral4:
+         shardings: Any = None, layer_loop: str = "scan", text_only: bool = False) -> Mistral4:
     """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
     checkpoint directory (config.json + safetensors).
 
@@ -207,6 +361,10 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     `mesh` if given, else the default device. A converted checkpoint is restored straight into them.
     layer_loop: see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
     as `model.tokenizer` when present.
+    Vision: an HF `mistral3` checkpoint's vision tower and projector (`vision_config` in config.json, tensors
+    `vision_tower.*` / `multi_modal_projector.*`), or those a converted checkpoint holds, are loaded as
+    `model.vision_config` / `model.vision_params`, stored in `dtype` (bfloat16 when `dtype` is FP8) and
+    replicated over the mesh; `text_only=True` skips them (`model.vision_config` is then None).
     """
     from . import checkpoint, hf
 
@@ -233,11 +391,45 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
             abstract = M.abstract_params(config, jdtype)
             params = jax.device_put(params, checkpoint.resolve_shardings(shardings, config, jdtype, abstract))
     log.info("loaded %s (%d layers) from %s", type(config).__name__, config.num_hidden_layers, path)
+    vcfg, vparams = (None, None) if text_only else _load_vision(path, converted, vision_dtype(jdtype))
     if compute_dtype is None and M.is_fp8(jdtype):
         compute_dtype = default_compute_dtype(jnp.bfloat16)
-    model = Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh, layer_loop=layer_loop)
+    model = Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh, layer_loop=layer_loop,
+                     vision_config=vcfg, vision_params=vparams)
     model.tokenizer = _find_tokenizer(path)
     return model
+
+
+def _load_vision(path: str, converted: bool, dtype: Any) -> tuple[Any, Any]:
+    """(VisionConfig, numpy/jax vision params in `dtype`) of a checkpoint directory, or (None, None) if it has
+    no vision tower. ValueError for a vision config or vision tensors that do not fit."""
+    import json
+
+    from . import checkpoint, vision
+    from .hf import fp8_block_size
+    from .safetensors_io import TensorIndex
+
+    if converted:
+        vcfg = checkpoint.read_vision_config(path)
+        if vcfg is None:
+            return None, None
+        return vcfg, checkpoint.restore_vision(path, dtype)
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if raw.get("model_type") != "mistral3" or not isinstance(raw.get("vision_config"), dict):
+        return None, None
+    try:
+        vcfg = vision.VisionConfig.from_hf_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}/config.json: {e} (load with text_only=True to skip the vision tower)") from None
+    index = TensorIndex.open(path)
+    if not any(vision.is_vision_name(n) for n in index.names()):
+        log.warning("%s: the config has a vision_config but the checkpoint has no vision tensors: loading text only", path)
+        return None, None
+    vparams = vision.read_vision_params(vision.tensor_getter(index, path, fp8_block_size(raw)), index.names(), vcfg,
+                                        np.dtype(dtype))
+    log.info("loaded the vision tower (%d layers) and projector from %s", vcfg.num_hidden_layers, path)
+    return vcfg, vparams
 
 
 def _find_tokenizer(path: str) -> Any:

@@ -1,6 +1,7 @@
 """Batch mode: chat requests from JSONL in, results to JSONL out (ids and order kept).
 
-Each input line is one OpenAI-style request: {"id": ..., "messages": [...], optional "max_tokens" /
+Each input line is one OpenAI-style request: {"id": ..., "messages": [...] (user messages may hold image parts:
+{"type": "image_url", "image_url": {"url": path | file:// | data URI}}), optional "max_tokens" /
 "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "reasoning_effort", "stop_token_ids"}.
 Each output line: {"id", "reasoning", "content", "prompt_tokens", "completion_tokens", "finish_reason"}
 or, for a line that could not be served, {"id", "error"} — one bad line never stops the batch.
@@ -53,7 +54,10 @@ def parse_line(line: str, number: int, model: Any, defaults: dict[str, Any]) -> 
         max_new = int(opts.pop("max_tokens", None) or opts.pop("max_new_tokens", None) or defaults.get("max_new_tokens", 256))
         opts.pop("max_new_tokens", None)
         tok = model.require_tokenizer()
-        prompt = tok.encode_chat(messages, reasoning_effort=opts.get("reasoning_effort"))
+        if hasattr(model, "encode_chat"):  # images are decoded here: a bad image fails this line only
+            prompt, images = model.encode_chat(messages, reasoning_effort=opts.get("reasoning_effort"))
+        else:
+            prompt, images = tok.encode_chat(messages, reasoning_effort=opts.get("reasoning_effort")), []
         if max(prompt) >= model.config.vocab_size:
             raise ValueError(f"the tokenizer produced ids up to {max(prompt)}, outside the model's vocabulary")
         sampling = SamplingParams(float(opts.get("temperature", 0.0)), int(opts.get("top_k", 0)),
@@ -61,7 +65,7 @@ def parse_line(line: str, number: int, model: Any, defaults: dict[str, Any]) -> 
         if max_new < 1:
             raise ValueError(f"max_tokens must be ≥ 1, got {max_new}")
         stops = tuple(opts.get("stop_token_ids") or (tok.eos_id,))
-        return Parsed(rid, prompt, Request(prompt, max_new, sampling, int(opts.get("seed", 0))), stops)
+        return Parsed(rid, prompt, Request(prompt, max_new, sampling, int(opts.get("seed", 0)), tuple(images)), stops)
     except (ValueError, TypeError, KeyError) as e:
         return Parsed(id=rid, error=f"line {number}: {e}")
 

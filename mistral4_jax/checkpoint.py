@@ -8,12 +8,16 @@
                           embed, final_norm/scale, lm_head            as in the model's parameter tree
                           layers_dense/<j>/..., layers_moe/<j>/...     one subtree per layer j of a group
                                                                       (the model's leaves without the layer axis)
+                          vision/{patch_embed, layers, projector}/...  the vision tower (layers stacked) and projector
+                                                                      of a multimodal checkpoint (not with --text-only)
+      vision_config.json  our `vision.VisionConfig` (`to_dict()`), only when vision/ is stored
       tekken.json, tokenizer.json, chat_template.jinja, ...           copied verbatim from the source
       source_config.json                                              the source's config.json or params.json
 
 The parameters are stored in the storage format of the model for the manifest's dtype: with
 "float8_e4m3fn" the weights in `model.FP8_WEIGHTS` are float8 with a float32 `<name>_scale` beside them
-(per tensor [1, ...], per expert [E, 1, 1]) and everything else is bfloat16.
+(per tensor [1, ...], per expert [E, 1, 1]) and everything else is bfloat16. Vision arrays are never FP8:
+bfloat16 for an FP8 checkpoint, else the manifest's dtype (`vision_dtype`).
 
 Layers are stored one subtree per layer so that the converter writes one layer at a time (Orbax partial
 saves, `CheckpointWriter`) and never holds more. `restore_params` stacks them back into the model's
@@ -49,6 +53,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 PARAMS = "params"
 GLOBALS = "globals"
+VISION = "vision"
+VISION_CONFIG = "vision_config.json"
 JOURNAL = "journal.json"
 _CHUNK_BYTES = 64 * 1024 * 1024
 """Orbax chunk size: a sharded restore reads only the chunks its shards overlap."""
@@ -59,13 +65,32 @@ or a callable `(logical_axes: tuple[str | None, ...], leaf: jax.ShapeDtypeStruct
 
 
 # ------------------------------------------------------------------------------------------- layout
-def pieces(cfg: Mistral4Config) -> list[str]:
-    """The pieces a checkpoint is written in, in order: "globals", then "layers_moe/0", ... per layer."""
-    return [GLOBALS] + [f"{name}/{j}" for name, n, _ in M.layer_groups(cfg) for j in range(n)]
+def pieces(cfg: Mistral4Config, vcfg: Any = None) -> list[str]:
+    """The pieces a checkpoint is written in, in order: "globals", "vision" when `vcfg` (a
+    `vision.VisionConfig`) is given, then "layers_moe/0", ... per layer."""
+    return [GLOBALS] + ([VISION] if vcfg else []) + [f"{name}/{j}" for name, n, _ in M.layer_groups(cfg) for j in range(n)]
 
 
-def piece_abstract(cfg: Mistral4Config, dtype: Any, piece: str, abstract: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The arrays of one piece as `jax.ShapeDtypeStruct`s (per-layer pieces without the layer axis)."""
+def vision_dtype(dtype: Any) -> Any:
+    """Storage dtype of the vision arrays for a checkpoint of `dtype`: bfloat16 for FP8, else `dtype`."""
+    return jnp.dtype(jnp.bfloat16) if M.is_fp8(dtype) else jnp.dtype(dtype)
+
+
+def vision_abstract(vcfg: Any, dtype: Any) -> dict[str, Any]:
+    """The vision piece (tower + projector, layers stacked) as `jax.ShapeDtypeStruct`s for a checkpoint of `dtype`."""
+    from . import vision
+
+    return vision.abstract_params(vcfg, vision_dtype(dtype))
+
+
+def piece_abstract(cfg: Mistral4Config, dtype: Any, piece: str, abstract: dict[str, Any] | None = None,
+                   vcfg: Any = None) -> dict[str, Any]:
+    """The arrays of one piece as `jax.ShapeDtypeStruct`s (per-layer pieces without the layer axis; the
+    "vision" piece needs `vcfg`)."""
+    if piece == VISION:
+        if vcfg is None:
+            raise ValueError("the vision piece needs a vision config")
+        return vision_abstract(vcfg, dtype)
     abstract = M.abstract_params(cfg, dtype) if abstract is None else abstract
     if piece == GLOBALS:
         return {k: v for k, v in abstract.items() if not k.startswith("layers_")}
@@ -77,17 +102,21 @@ def nest(piece: str, tree: dict[str, Any]) -> dict[str, Any]:
     """A piece's subtree placed at its position in the on-disk tree ({"layers_moe": {"3": tree}})."""
     if piece == GLOBALS:
         return tree
+    if piece == VISION:
+        return {VISION: tree}
     group, j = piece.split("/")
     return {group: {j: tree}}
 
 
-def disk_abstract(cfg: Mistral4Config, dtype: Any) -> dict[str, Any]:
-    """The whole on-disk parameter tree as `jax.ShapeDtypeStruct`s."""
+def disk_abstract(cfg: Mistral4Config, dtype: Any, vcfg: Any = None) -> dict[str, Any]:
+    """The whole on-disk parameter tree as `jax.ShapeDtypeStruct`s (with the vision piece if `vcfg`)."""
     abstract = M.abstract_params(cfg, dtype)
     out = piece_abstract(cfg, dtype, GLOBALS, abstract)
     for group, n, _ in M.layer_groups(cfg):
         layer = piece_abstract(cfg, dtype, f"{group}/0", abstract)
         out[group] = {str(j): layer for j in range(n)}
+    if vcfg is not None:
+        out[VISION] = vision_abstract(vcfg, dtype)
     return out
 
 
@@ -129,10 +158,11 @@ def on_disk(path: str | os.PathLike) -> dict[str, Any]:
         return ocp.metadata(os.path.join(os.path.abspath(path), PARAMS)).metadata
 
 
-def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any) -> tuple[int, int]:
-    """Check the arrays stored under `path` against `cfg`/`dtype` (names, shapes, dtypes; nothing missing or
-    extra). Returns (tensor count, parameter count); raises ValueError naming the first difference."""
-    expected = dict(_flat(disk_abstract(cfg, dtype)))
+def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any, vcfg: Any = None) -> tuple[int, int]:
+    """Check the arrays stored under `path` against `cfg`/`dtype` (and the vision piece of `vcfg`, if given):
+    names, shapes, dtypes; nothing missing or extra. Returns (tensor count, parameter count), vision
+    included; raises ValueError naming the first difference."""
+    expected = dict(_flat(disk_abstract(cfg, dtype, vcfg)))
     found = dict(_flat(on_disk(path)))
     for name in sorted(set(expected) | set(found)):
         if name not in found:
@@ -143,7 +173,7 @@ def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any) -> tuple[in
         if tuple(e.shape) != tuple(f.shape) or np.dtype(e.dtype) != np.dtype(f.dtype):
             raise ValueError(f"{path}: tensor {name!r} is {np.dtype(f.dtype)}{list(f.shape)}, "
                              f"expected {np.dtype(e.dtype)}{list(e.shape)}")
-    return count(disk_abstract(cfg, dtype))
+    return count(disk_abstract(cfg, dtype, vcfg))
 
 
 def _flat(tree: Any) -> Iterator[tuple[str, Any]]:
@@ -290,6 +320,40 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_config(path: str | os.PathLike) -> Mistral4Config:
     return Mistral4Config.from_json(os.path.join(os.fspath(path), CONFIG))
+
+
+def read_vision_config(path: str | os.PathLike) -> Any:
+    """The `vision.VisionConfig` of a converted checkpoint, or None if it stores no vision tower."""
+    from . import vision
+
+    file = os.path.join(os.fspath(path), VISION_CONFIG)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            return vision.VisionConfig.from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def restore_vision(path: str | os.PathLike, dtype: Any = None, sharding: Sharding | None = None) -> dict[str, Any]:
+    """The vision parameter tree (tower + projector, jax arrays) of a converted checkpoint, read as `dtype`
+    (None: as stored; FP8 is not a vision dtype and means bfloat16) onto `sharding` (default: one device).
+    ValueError if the checkpoint has no vision tower."""
+    path = os.path.abspath(path)
+    manifest = read_manifest(path)
+    vcfg = read_vision_config(path)
+    if vcfg is None:
+        raise ValueError(f"{path}: the checkpoint has no vision tower (text-only, or converted with --text-only)")
+    target = vision_dtype(manifest["dtype"] if dtype is None else dtype)
+    abstract = vision_abstract(vcfg, target)
+    sharding = SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding
+    with _orbax(partial_load=True) as ocp:
+        tree = ocp.load(os.path.join(path, PARAMS), {VISION: _target(abstract, jax.tree_util.tree_map(lambda _: sharding, abstract))})
+    log.info("restored the vision tower (%s) from %s", np.dtype(target).name, path)
+    return tree[VISION]
 
 
 def resolve_shardings(shardings: ShardingSpec, cfg: Mistral4Config, dtype: Any, abstract: dict[str, Any]) -> dict[str, Any]:

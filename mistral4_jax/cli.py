@@ -59,9 +59,12 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"tensors     {manifest['tensors']}")
     print(f"parameters  {manifest['parameters']:,}")
     print(f"layers      {', '.join(f'{k}: {v}' for k, v in manifest['layers'].items())}")
+    vis = manifest.get("vision")
+    print(f"vision      " + (f"{vis['layers']} layers + projector, {vis['parameters']:,} parameters ({vis['dtype']})"
+                             if vis else "none (text only)"))
     print(f"files       {', '.join(manifest['files']) or '-'}")
     print(f"converter   {manifest['converter_version']} (format v{manifest['format_version']})")
-    print("parameters (layer groups stacked as [layers, ...]):")
+    print("parameters (layer groups and vision/layers stacked as [layers, ...]):")
     for name, shape, dtype in _stacked(arrays):
         print(f"  {name:<44} {dtype:<14} {list(shape)}")
     return 0

@@ -8,6 +8,11 @@ the same loop in chunks of `chunk` tokens and yields what each chunk produced.
 
 What recompiles: the batch size, the prompt bucket, the new-token bucket (power of two ≥ 16) and the
 number of stop ids. Sampling settings, seeds and `max_new_tokens` within a bucket do not.
+
+Images (`Request.images`, a model with a vision tower): before prefill, the images of all rows are run
+through the vision tower and projector together (`Mistral4.request_image_features`, its own jitted function,
+compiled per packed-patch bucket); the features, padded to a power of two ≥ 16 rows (one more recompile
+key), replace the `[IMG]` token embeddings in prefill, rows in batch order. Decode is unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class Request:
     max_new_tokens: int = 256
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     seed: int = 0
+    images: Sequence[Any] = ()
+    """Images for the prompt's `[IMG]` tokens, in order: `image.ProcessedImage`s or preprocessed pixel
+    arrays [3, H, W] (needs a model with a vision tower)."""
 
 
 def _state_shardings(mesh: Any, state: dict[str, Any]) -> Any:
@@ -71,10 +79,14 @@ class Generator:
         self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
 
     # ---------------------------------------------------------------------------------- jitted
-    def _prefill_impl(self, params, ids, mask, cache, sampling, seeds, stop_ids, max_new):
-        """ids, mask [B, Tp] (left padded) -> decode state with the first token sampled."""
+    def _prefill_impl(self, params, ids, mask, cache, sampling, seeds, stop_ids, max_new, image_features=None):
+        """ids, mask [B, Tp] (left padded) -> decode state with the first token sampled.
+        image_features [M, D] (or None) replace the `[IMG]` token embeddings, in order."""
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=0, last_only=True)
+        extra = {} if image_features is None else {"image_features": image_features,
+                                                    "image_token_index": self.model.vision_config.image_token_index}
+        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=0,
+                                            last_only=True, **extra)
         tok = sample(logits[:, 0], row_keys(seeds, 0), *sampling)
         b, n = ids.shape[0], cache["valid"].shape[1] - ids.shape[1]
         stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
@@ -150,10 +162,12 @@ class Generator:
         seeds = jnp.asarray([r.seed for r in requests], jnp.uint32)
         stops = jnp.asarray(sorted(set(int(s) for s in stop_token_ids)), jnp.int32)
         max_new = jnp.asarray([r.max_new_tokens for r in requests], jnp.int32)
+        features = self.model.request_image_features([r.prompt for r in requests], [r.images for r in requests]) \
+            if any(len(r.images) for r in requests) else None
         cache = M.init_cache(cfg, b, tp + n, self.cache_dtype)
         if self.model.mesh is not None:
             cache = jax.device_put(cache, _state_shardings(self.model.mesh, cache))
-        state = self._prefill(self.model.params, ids, mask, cache, sampling, seeds, stops, max_new)
+        state = self._prefill(self.model.params, ids, mask, cache, sampling, seeds, stops, max_new, features)
         stop_set = set(np.asarray(stops).tolist())
         rows: list[list[int]] = [[] for _ in requests]
         closed = [False] * b

@@ -484,6 +484,8 @@ def forward(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     mesh: Any = None,
+    image_features: Array | None = None,
+    image_token_index: int = 10,
 ) -> tuple[Array, Array | None, dict[str, Any] | None]:
     """The decoder: embed, layer groups, final norm, lm_head.
 
@@ -492,10 +494,17 @@ def forward(
     written into it at slot `index`. With `decode` they are written at `index` and attend over the
     whole cache (absorbed MLA). Layer groups stored stacked run under `lax.scan`; stored as lists
     (see `unstack_layers`) they run as an unrolled loop.
+    `image_features` [M, D] (prefill only): rows replace, in order, the embeddings of the tokens equal to
+    `image_token_index` (`[IMG]`), batch row by batch row, as HF's `masked_scatter`; rows past the number
+    of `[IMG]` tokens are ignored (so M may be padded to a bucket). None: the text-only path.
     Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
     """
     embed = params["embed"]
     h = jnp.take(embed, input_ids, axis=0).astype(dtype)
+    if image_features is not None:
+        from .vision import scatter_image_features
+
+        h = scatter_image_features(h, input_ids, image_features, image_token_index)
     if mesh is not None:
         from .sharding import batch_spec
 

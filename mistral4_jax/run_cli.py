@@ -160,9 +160,9 @@ def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Na
     from mistral4_jax.tokenizer import split_reasoning
 
     tok = model.require_tokenizer()
-    prompt = model.encode_messages(messages, args.reasoning_effort) if hasattr(model, "encode_messages") \
-        else tok.encode_chat(messages, reasoning_effort=args.reasoning_effort)
-    request = Request(prompt, args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p), args.seed)
+    prompt, images = model.encode_chat(messages, reasoning_effort=args.reasoning_effort)  # images: --image files
+    request = Request(prompt, args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p),
+                      args.seed, tuple(images))
     decoder = tok.incremental_decoder(skip_special=False)
     main = is_main_process()
     t0 = time.perf_counter()

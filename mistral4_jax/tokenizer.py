@@ -47,6 +47,7 @@ __all__ = [
     "IncrementalDecoder",
     "REASONING_EFFORTS",
     "Tokenizer",
+    "has_image_parts",
     "split_reasoning",
     "write_synthetic_tekken",
 ]
@@ -96,8 +97,35 @@ def _token_content(value: Any) -> str | None:
 # messages
 # ----------------------------------------------------------------------------------------------------
 
-def _check_messages(messages: Any) -> None:
-    """Shape checks shared by both backends; image parts -> ValueError (vision is not wired up yet)."""
+def has_image_parts(messages: Any) -> bool:
+    """Whether any message content holds an image part (`image_url`, `image`, ...)."""
+    if not isinstance(messages, (list, tuple)):
+        return False
+    return any(isinstance(m, dict) and isinstance(m.get("content"), (list, tuple))
+               and any(isinstance(p, dict) and p.get("type") in _IMAGE_PART_TYPES for p in m["content"])
+               for m in messages)
+
+
+def _image_source(part: dict[str, Any], where: str) -> Any:
+    """The image source of an image part: `{"type": "image_url", "image_url": {"url": ...} | "..."}`,
+    `{"type": "image", "image": PIL | bytes | path | array}` or `{"type": "input_image", "image_url": "..."}`."""
+    kind = part["type"]
+    if kind in ("image_url", "input_image"):
+        value = part.get("image_url")
+        if isinstance(value, dict):
+            value = value.get("url")
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where}: an {kind!r} part needs an image_url (a path, file:// URL or data URI)")
+        return value
+    if kind == "image":
+        if part.get("image") is None:
+            raise ValueError(f"{where}: an 'image' part needs an 'image' (a PIL image, bytes, a path or a data URI)")
+        return part["image"]
+    raise ValueError(f"{where}: unsupported image part type {kind!r} (use 'image_url' or 'image')")
+
+
+def _check_messages(messages: Any, allow_images: bool = False) -> None:
+    """Shape checks shared by both backends; image parts -> ValueError unless `allow_images`."""
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, msg in enumerate(messages):
@@ -111,10 +139,10 @@ def _check_messages(messages: Any) -> None:
         for j, part in enumerate(content):
             if not isinstance(part, dict) or "type" not in part:
                 raise ValueError(f"messages[{i}].content[{j}] must be a dict with a 'type', got {part!r}")
-            if part["type"] in _IMAGE_PART_TYPES:
+            if part["type"] in _IMAGE_PART_TYPES and not allow_images:
                 raise ValueError(
-                    f"messages[{i}].content[{j}] is an image part ({part['type']!r}): image inputs are not "
-                    "supported yet (the vision tower is a later issue); send text parts only")
+                    f"messages[{i}].content[{j}] is an image part ({part['type']!r}): encode_chat returns ids only; "
+                    "use encode_chat_with_images (or Mistral4.chat) for messages with images")
 
 
 def _text_of(content: Any, where: str) -> tuple[str, list[tuple[str, bool]]]:
@@ -426,7 +454,7 @@ class Tokenizer:
         messages: ``[{"role": "system"|"user"|"assistant", "content": str | [{"type": "text", "text": ...}],
         ...}]``; assistant messages may carry ``"reasoning"``/``"reasoning_content"`` (encoded as a
         ``[THINK]`` block) or ``{"type": "thinking", "thinking": ...}`` parts. Image parts raise
-        ValueError (vision is not supported yet). reasoning_effort: None (tokenizer default, "none" for
+        ValueError (use `encode_chat_with_images`, which also returns the preprocessed images). reasoning_effort: None (tokenizer default, "none" for
         this model), "none" or "high"; anything else raises ValueError. continue_final_message: the last
         message is an assistant prefix to continue (no ``</s>`` after it).
 
@@ -443,6 +471,93 @@ class Tokenizer:
         if self.chat_template is not None:
             return self._encode_chat_template(messages, effort, continue_final_message)
         return self._manual_chat_layout(messages, effort, continue_final_message)
+
+    # -- images ---------------------------------------------------------------------------------------
+
+    def image_processor(self, fallback: Any = None) -> Any:
+        """The `image.ImageProcessor` whose token layout this tokenizer's chat encoding uses.
+
+        Tekken backend only. Sizes from tekken.json's ``image`` section (``image_patch_size``,
+        ``spatial_merge_size``, ``max_image_size``) when it has one, else from `fallback` (the model's
+        processor); always ``rounding="round"`` (mistral-common's token counts for downscaled images) and
+        the vocabulary's ``[IMG]``/``[IMG_BREAK]``/``[IMG_END]`` ids. ValueError if images cannot be encoded.
+        """
+        import dataclasses
+
+        from .image import ImageProcessor
+
+        if self._mistral is None:
+            raise ValueError(f"image inputs need a Tekken tokenizer (tekken.json + mistral-common); {self.path} is "
+                             "loaded through tokenizers, whose chat encoding is text only")
+        ids = [self.token_id(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")]
+        if None in ids:
+            raise ValueError(f"the vocabulary of {self.path} has no [IMG]/[IMG_BREAK]/[IMG_END] tokens: it cannot encode images")
+        token_ids = dict(image_token_id=ids[0], image_break_token_id=ids[1], image_end_token_id=ids[2])
+        cfg = getattr(self._tekken, "image", None)
+        if cfg is not None:
+            return ImageProcessor(patch_size=int(cfg.image_patch_size), spatial_merge_size=int(cfg.spatial_merge_size),
+                                  longest_edge=int(cfg.max_image_size), rounding="round", **token_ids)
+        if fallback is None:
+            raise ValueError(f"{self.path} has no image config (an 'image' section in tekken.json) and no model "
+                             "image processor was given: this tokenizer cannot encode images")
+        return dataclasses.replace(fallback, rounding="round", **token_ids)
+
+    def encode_chat_with_images(self, messages: list[dict[str, Any]], reasoning_effort: str | None = None,
+                                continue_final_message: bool = False,
+                                image_processor: Any = None) -> tuple[list[int], list[Any]]:
+        """`encode_chat` for messages with image parts: (prompt ids, `image.ProcessedImage` per image in
+        prompt order).
+
+        Image parts: ``{"type": "image_url", "image_url": {"url": path | "file://..." | data URI}}`` (or the
+        URL as a plain string), ``{"type": "image", "image": PIL image | bytes | path | uint8 array}``;
+        http(s) URLs are refused (nothing is downloaded). The ids are mistral-common's
+        (``ChatCompletionRequest`` with image chunks, ``encode_chat_completion``): the image chunks are
+        encoded by our `image.ImageProcessor` (`image_processor()`: mistral-common's token grid, PIL
+        bicubic pixels as transformers' processor, no OpenCV) in place of mistral-common's encoder, so the
+        `[IMG]` count of each image equals its number of features. Every image is decoded before encoding;
+        a corrupt, truncated, zero-sized or missing image raises ValueError naming it
+        (``messages[i].content[j]``). Tekken backend only.
+        """
+        _check_messages(messages, allow_images=True)
+        effort = self._effort(reasoning_effort)
+        if not has_image_parts(messages):
+            return self.encode_chat(messages, reasoning_effort, continue_final_message), []
+        proc = self.image_processor(image_processor)
+        from .image import describe
+
+        converted: list[dict[str, Any]] = []
+        processed: dict[str, Any] = {}
+        for i, msg in enumerate(messages):
+            content = msg.get("content")
+            if not isinstance(content, (list, tuple)):
+                converted.append(dict(msg))
+                continue
+            parts = []
+            for j, part in enumerate(content):
+                if part["type"] not in _IMAGE_PART_TYPES:
+                    parts.append(part)
+                    continue
+                where = f"messages[{i}].content[{j}]"
+                src = _image_source(part, where)
+                key = f"mistral4-jax-image:{len(processed)}"
+                processed[key] = proc.preprocess(src, f"{where} ({describe(src)})")
+                parts.append({"type": "image_url", "image_url": {"url": key}})
+            converted.append({**msg, "content": parts})
+        encoder = _ImageEncoder(proc, processed)
+        instruct = self._mistral.instruct_tokenizer
+        previous = getattr(instruct, "image_encoder", None)
+        instruct.image_encoder = encoder
+        try:
+            ids = self._encode_chat_mistral(converted, effort, continue_final_message)
+        finally:
+            instruct.image_encoder = previous
+        if sorted(encoder.used) != sorted(processed) or len(encoder.used) != len(processed):
+            raise ValueError(f"mistral-common encoded {len(encoder.used)} image chunks for {len(processed)} image parts")
+        images = [processed[k] for k in encoder.used]
+        n_img = sum(1 for t in ids if t == proc.image_token_id)
+        if n_img != sum(p.num_features for p in images):
+            raise ValueError(f"the prompt has {n_img} [IMG] tokens but its images give {sum(p.num_features for p in images)} features")
+        return ids, images
 
     def _encode_chat_mistral(self, messages: list[dict[str, Any]], effort: str | None,
                              continue_final_message: bool) -> list[int]:
@@ -567,6 +682,37 @@ class Tokenizer:
         return ids
 
 
+class _ImageEncoder:
+    """Stands in for mistral-common's `ImageEncoder` during one `encode_chat_with_images` call: the
+    placeholder URL of each image chunk -> the already preprocessed image's placeholder ids and pixels."""
+
+    def __init__(self, proc: Any, processed: dict[str, Any]) -> None:
+        from mistral_common.tokens.tokenizers.image import ImageConfig, SpecialImageIDs
+
+        self.processed = processed
+        self.used: list[str] = []
+        self.image_config = ImageConfig(proc.patch_size, proc.longest_edge, proc.spatial_merge_size)
+        self.special_ids = SpecialImageIDs(proc.image_token_id, proc.image_break_token_id, proc.image_end_token_id)
+
+    @property
+    def mm_config(self) -> Any:
+        return self.image_config
+
+    @property
+    def image_token(self) -> int:
+        return self.special_ids.img
+
+    def __call__(self, chunk: Any) -> Any:
+        from mistral_common.tokens.tokenizers.image import ImageEncoding
+
+        url = chunk.get_url() if hasattr(chunk, "get_url") else None
+        if url not in self.processed:
+            raise ValueError(f"unexpected image chunk {type(chunk).__name__} (images must come as message parts)")
+        self.used.append(url)
+        p = self.processed[url]
+        return ImageEncoding(tokens=list(p.token_ids), image=p.pixel_values)
+
+
 # ----------------------------------------------------------------------------------------------------
 # chat templates (tokenizers backend)
 # ----------------------------------------------------------------------------------------------------
@@ -684,7 +830,7 @@ class IncrementalDecoder:
 
 def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911.json",
                            reasoning_efforts: Sequence[str] = REASONING_EFFORTS,
-                           default_effort: str = "none") -> Path:
+                           default_effort: str = "none", image: dict[str, int] | None = None) -> Path:
     """Write a v15 ``tekken.json`` with ``[THINK]``/``[MODEL_SETTINGS]`` specials, offline.
 
     Takes the real 131072-token Tekken vocabulary bundled with mistral-common (``base``, in
@@ -692,7 +838,10 @@ def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911
     ranks 0-19, ``<SPECIAL_i>`` fillers, ``[ARGS]`` 32, ``[CALL_ID]`` 33, ``[THINK]`` 34, ``[/THINK]`` 35,
     ``[MODEL_SETTINGS]`` 36, ``[/MODEL_SETTINGS]`` 37 - the last two ranks are an assumption), sets
     ``config.version = "v15"`` and adds ``model_settings_builder = {"reasoning_effort": {"values":
-    [...], "default": "none"}}``; drops the image section (text only). mistral-common loads the result
+    [...], "default": "none"}}``; drops the base file's image section, and writes ``image`` instead when
+    given (mistral-common's ``ImageConfig`` fields: ``{"image_patch_size": 14, "max_image_size": 1540,
+    "spatial_merge_size": 2}`` for Mistral Small 3.1 / 4; ``[IMG]`` 10, ``[IMG_BREAK]`` 12, ``[IMG_END]`` 13
+    are among the legacy specials). mistral-common loads the result
     as an ``InstructTokenizerV15``, so its chat encoding (model settings, think blocks) is the real
     one; only the special-token ranks may differ from the released checkpoint's file.
 
@@ -714,6 +863,8 @@ def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911
     data["config"]["version"] = "v15"
     data.pop("image", None)
     data.pop("multimodal", None)
+    if image is not None:
+        data["image"] = {k: int(image[k]) for k in ("image_patch_size", "max_image_size", "spatial_merge_size")}
     data["model_settings_builder"] = {
         "reasoning_effort": {"values": list(reasoning_efforts), "default": default_effort}}
     path = Path(out)
