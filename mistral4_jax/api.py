@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Mistral4Config
+from .distributed import to_host
 from . import model as M
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class Mistral4:
     def logits(self, input_ids: Any, attention_mask: Any = None, images: Any = None) -> np.ndarray:
         """float32 logits [B, T, vocab] as a numpy array. input_ids [B, T] (or [T]); attention_mask 1 = token,
         0 = padding; images: see `forward`."""
-        return np.asarray(self.forward(input_ids, attention_mask, images=images)[0])
+        return to_host(self.forward(input_ids, attention_mask, images=images)[0])
 
     @property
     def generator(self):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import model as M
+from .distributed import to_host
 from .sampling import SamplingParams, row_keys, sample
 
 if TYPE_CHECKING:
@@ -173,8 +174,8 @@ class Generator:
         closed = [False] * b
         emitted, chunk = 0, chunk or n
         while True:
-            step = int(state["step"])
-            new = np.asarray(state["tokens"][:, emitted:step])
+            step = int(to_host(state["step"]))
+            new = to_host(state["tokens"])[:, emitted:step]
             fresh_rows = []
             for i, r in enumerate(requests):
                 fresh = []
@@ -187,10 +188,10 @@ class Generator:
                 fresh_rows.append(fresh)
             yield fresh_rows
             emitted = step
-            if bool(np.asarray(state["done"]).all()) or step >= n:
+            if bool(to_host(state["done"]).all()) or step >= n:
                 break
             state = self._decode(self.model.params, state, jnp.int32(min(step + chunk, n)), sampling, seeds, stops, max_new)
-        stopped = np.asarray(state["stopped"])
+        stopped = to_host(state["stopped"])
         self.last_results = [Generation(rows[i], "stop" if stopped[i] else "length", len(prompts[i])) for i in range(b)]
 
     def generate(self, requests: Sequence[Request], stop_token_ids: Sequence[int], max_len: int | None = None) -> list[Generation]:

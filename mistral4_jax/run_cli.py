@@ -74,10 +74,7 @@ def load_model(args: argparse.Namespace) -> Any:
     return model
 
 
-def is_main_process() -> bool:
-    import jax
-
-    return jax.process_index() == 0
+from .distributed import is_main_process  # noqa: E402  (host 0 alone prints and writes)
 
 
 # ------------------------------------------------------------------------------------------ plan
