@@ -161,12 +161,17 @@ class Mistral4Config:
     # ----------------------------------------------------------------------------------------- readers
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> Mistral4Config:
-        """Build from an HF config dict: `mistral4`, or `mistral3` with a mistral4 `text_config`."""
+        """Build from an HF config dict: `mistral4`, or `mistral3` with a mistral4 `text_config` (a top-level
+        `tie_word_embeddings` of a mistral3 dict, which is what `Mistral3ForConditionalGeneration` ties by,
+        wins over the text config's)."""
         model_type = d.get("model_type")
         if model_type == "mistral3":
             if "text_config" not in d:
                 raise ValueError("config field 'text_config' is missing from a mistral3 config")
+            top_tie = d.get("tie_word_embeddings")
             d = d["text_config"]
+            if top_tie is not None:
+                d = {**d, "tie_word_embeddings": bool(top_tie)}
             model_type = d.get("model_type", "mistral4")
         if model_type != "mistral4":
             raise ValueError(f"config field 'model_type' must be 'mistral4' or 'mistral3', got {model_type!r}")
