@@ -352,6 +352,72 @@ def test_round_trip_mistral_native(tmp_path, weights, f32_out):
     assert_trees_equal(restored(dst), restored(f32_out))  # whose logits match transformers
 
 
+def vision_tensors(d: int = 16, f: int = 24, heads: int = 2, patch: int = 2) -> tuple[dict, dict, dict]:
+    """(HF-named vision tensors, the same under Mistral's native names, params.json `vision_encoder`) of a
+    random one-layer tower + projector for CFG (native wq / wk rows in interleaved-pair rope order)."""
+    rng = np.random.default_rng(7)
+    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    t, hd = CFG.hidden_size, d // heads
+    l = "transformer.layers.0."
+    hf_names = {"vision_tower.patch_conv.weight": r(d, 3, patch, patch), "vision_tower.ln_pre.weight": r(d),
+                **{f"vision_tower.{l}attention.{x}_proj.weight": r(d, d) for x in "qkvo"},
+                **{f"vision_tower.{l}feed_forward.{x}_proj.weight": r(f, d) for x in ("gate", "up")},
+                f"vision_tower.{l}feed_forward.down_proj.weight": r(d, f),
+                f"vision_tower.{l}attention_norm.weight": r(d), f"vision_tower.{l}ffn_norm.weight": r(d),
+                "multi_modal_projector.norm.weight": r(d), "multi_modal_projector.patch_merger.merging_layer.weight": r(d, 4 * d),
+                "multi_modal_projector.linear_1.weight": r(t, d), "multi_modal_projector.linear_2.weight": r(t, t)}
+    table = {"vision_tower.": "vision_encoder.", "multi_modal_projector.norm.": "pre_mm_projector_norm.",
+             "multi_modal_projector.patch_merger.": "patch_merger.", "multi_modal_projector.linear_1.": "vision_language_adapter.w_in.",
+             "multi_modal_projector.linear_2.": "vision_language_adapter.w_out.", "attention.q_proj": "attention.wq",
+             "attention.k_proj": "attention.wk", "attention.v_proj": "attention.wv", "attention.o_proj": "attention.wo",
+             "feed_forward.gate_proj": "feed_forward.w1", "feed_forward.down_proj": "feed_forward.w2",
+             "feed_forward.up_proj": "feed_forward.w3"}
+    native_names = {}
+    for name, a in hf_names.items():
+        for x, y in table.items():
+            name = name.replace(x, y)
+        if name.endswith(("wq.weight", "wk.weight")):
+            a = a.reshape(heads, 2, hd // 2, d).transpose(0, 2, 1, 3).reshape(d, d)
+        native_names[name] = a
+    encoder = {"hidden_size": d, "num_channels": 3, "image_size": 32, "patch_size": patch, "intermediate_size": f,
+               "num_hidden_layers": 1, "num_attention_heads": heads, "rope_theta": 10000.0, "image_token_id": 10,
+               "image_break_token_id": 12, "image_end_token_id": 13, "spatial_merge_size": 2, "adapter_bias": False,
+               "add_pre_mm_projector_layer_norm": True, "mm_projector_id": "patch_merge"}
+    return hf_names, native_names, encoder
+
+
+def test_vision_from_hf_and_native_names_fp8_kept_bf16(tmp_path, weights, f32_out):
+    """The vision tower + projector are converted (HF and native names give the same arrays, equal to
+    `vision.read_vision_params` of the source), bf16 beside FP8 text weights; `--text-only` skips them; a
+    multimodal source without a usable vision config asks for `--text-only`."""
+    from mistral4_jax import vision
+
+    hf_v, native_v, encoder = vision_tensors()
+    hf_cfg = {"model_type": "mistral3", "text_config": hf_dict(CFG), "tie_word_embeddings": False,
+              "vision_config": {"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "intermediate_size": 24, "patch_size": 2, "image_size": 32, "hidden_act": "silu"},
+              "spatial_merge_size": 2, "image_token_index": 10, "projector_hidden_act": "gelu"}
+    mm = {("language_model." + n): a for n, a in weights.items()}
+    src = write_hf(str(tmp_path / "hf"), {**mm, **hf_v}, hf_cfg, shards=2)
+    nat = write_native(str(tmp_path / "nat"), {**native(weights, CFG), **native_v}, params_json(CFG, vision_encoder=encoder))
+    vcfg = vision.VisionConfig.from_hf_dict(hf_cfg)
+    expected = vision.read_vision_params(lambda n, shape: hf_v[n], list(hf_v), vcfg)
+    for source, name in ((src, "hf"), (nat, "nat")):
+        dst = convert(source, str(tmp_path / f"{name}-f32"), dtype="float32", progress=False)
+        assert checkpoint.read_vision_config(dst).hidden_size == 16
+        assert_trees_equal(jax.tree_util.tree_map(np.asarray, checkpoint.restore_vision(dst)), expected)
+        assert_trees_equal(restored(dst), restored(f32_out))
+        assert checkpoint.read_manifest(dst)["vision"]["source_tensors"] == len(hf_v)
+    fp8 = convert(src, str(tmp_path / "fp8"), dtype="float8_e4m3fn", progress=False)
+    stored = {n: d for n, _, d in checkpoint.describe(fp8)[1]}
+    assert stored["vision/projector/linear_1"] == "bfloat16" and stored["layers_moe/0/attn/q_b_proj"] == "float8_e4m3fn"
+    text = convert(src, str(tmp_path / "text"), dtype="bfloat16", text_only=True, progress=False)
+    assert checkpoint.read_vision_config(text) is None and not any(n.startswith("vision/") for n, _, _ in checkpoint.describe(text)[1])
+    bad = write_hf(str(tmp_path / "bad"), {**mm, **hf_v}, {**hf_cfg, "vision_config": {}}, shards=1)
+    with pytest.raises(ValueError, match="text-only"):
+        convert(bad, str(tmp_path / "bad-out"), dtype="bfloat16", progress=False)
+
+
 def test_restore_casts_float_checkpoints(bf16_out):
     as_f32 = restored(bf16_out, "float32")
     assert_trees_equal(as_f32, jax.tree_util.tree_map(lambda x: x.astype(np.float32), restored(bf16_out)))
