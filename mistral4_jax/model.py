@@ -132,9 +132,11 @@ def _round_up(x: int, m: int) -> int:
 DECODE_ASSIGNMENTS_PER_EXPERT = 4
 """Up to this many token->expert assignments per expert (on average), experts run one by one."""
 
-CAPACITY_FACTORS = (1.25, 2.0)
-"""Capacity tiers of the grouped expert computation; a step whose busiest expert overflows every tier
-falls back to capacity T (every token fits), so no token is ever dropped."""
+OVERFLOW_ROWS = 16
+"""Tokens per step when an expert's overflow runs expert by expert."""
+
+CAPACITY_FACTOR = 2.0
+"""Capacity of the grouped expert kernel, in multiples of the mean load; overflow runs expert by expert."""
 
 
 def routed_experts(
@@ -149,10 +151,13 @@ def routed_experts(
     The experts held here are `first_expert .. first_expert + E - 1` (all of them unless sharded);
     assignments to other experts contribute zero.
 
-    Few tokens per expert (decode): one `lax.cond` per expert, taken only by the experts some token
-    chose, each reading its weights in place (static slices) once for all its tokens. Many (prefill):
-    group the token copies by expert into a [E, C, D] batch and run one batched einsum per matrix; C is
-    the smallest capacity tier that holds the busiest expert (chosen on device with `lax.cond`).
+    Two kernels, both exact:
+    - expert by expert: one `lax.cond` per expert, taken only by experts that some assignment chose,
+      each reading its weights in place (static slices) once and running on all T tokens (weight 0 for
+      tokens that did not choose it). Used alone when there are few tokens per expert (decode).
+    - grouped: token copies sorted into a [E, C, D] batch (C = `CAPACITY_FACTOR` x the mean load) and
+      one batched einsum per matrix (prefill). Assignments past an expert's capacity are not dropped:
+      they go through the expert-by-expert kernel, which then only runs the overflowing experts.
     """
     t, k = ids.shape
     e = gate.shape[0]
@@ -160,43 +165,50 @@ def routed_experts(
     valid = (local >= 0) & (local < e)
     local = jnp.where(valid, local, 0)
     weights = jnp.where(valid, weights, 0).astype(x.dtype)
-    if t * k <= DECODE_ASSIGNMENTS_PER_EXPERT * e:
-        per_expert = jnp.zeros((e, t), x.dtype).at[local, jnp.arange(t)[:, None]].add(weights)  # [E, T]
-        hit = jnp.zeros((e,), bool).at[local].max(valid)
-        y = jnp.zeros_like(x)
+
+    def expert_by_expert(take: Array, rows: int | None = None) -> Array:
+        """Sum over the assignments where `take` [T, K] is True. With `rows`, each expert runs only on its
+        own tokens, `rows` at a time (a while loop), instead of on all T."""
+        per_expert = jnp.zeros((e, t), x.dtype).at[local, jnp.arange(t)[:, None]].add(jnp.where(take, weights, 0))
+        counts = jnp.zeros((e,), jnp.int32).at[local].add(take.astype(jnp.int32))
+        x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+        y = jnp.zeros_like(x_pad)
         for i in range(e):
             def run(y, i=i):
                 g, u, d = (_expert_weight(w, scales, j, i, x.dtype) for j, w in enumerate((gate, up, down)))
-                return y + per_expert[i][:, None] * ((jax.nn.silu(x @ g) * (x @ u)) @ d)
-            y = jax.lax.cond(hit[i], run, lambda y: y, y)
-        return y
+                if rows is None:
+                    return y.at[:t].add(per_expert[i][:, None] * ((jax.nn.silu(x @ g) * (x @ u)) @ d))
+                tokens = jnp.nonzero(per_expert[i] != 0, size=t + rows, fill_value=t)[0]  # [T + R], padded with t
 
-    gate, up, down = (_expert_weight(w, scales, j, None, x.dtype) for j, w in enumerate((gate, up, down)))
+                def chunk(carry):
+                    j, y = carry
+                    idx = jax.lax.dynamic_slice_in_dim(tokens, j * rows, rows)
+                    xr = x_pad[idx]
+                    out = (jax.nn.silu(xr @ g) * (xr @ u)) @ d
+                    return j + 1, y.at[idx].add(per_expert[i].at[idx].get(mode="fill", fill_value=0)[:, None] * out)
+
+                return jax.lax.while_loop(lambda c: c[0] * rows < counts[i], chunk, (0, y))[1]
+            y = jax.lax.cond(counts[i] > 0, run, lambda y: y, y)
+        return y[:t]
+
+    capacity = min(t, _round_up(math.ceil(CAPACITY_FACTOR * t * k / e), 8))
+    if t * k <= DECODE_ASSIGNMENTS_PER_EXPERT * e or capacity >= t:
+        return expert_by_expert(valid)
 
     flat = jnp.where(valid, local, e).reshape(-1)  # [T*K]; e = "not here"
     onehot = (flat[:, None] == jnp.arange(e)).astype(jnp.int32)  # [T*K, E]
     rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), jnp.minimum(flat, e - 1)[:, None], axis=1)[:, 0] - 1
-    busiest = onehot.sum(0).max()
-
-    def grouped(capacity: int) -> Array:
-        slot = jnp.where(flat < e, flat * capacity + rank, e * capacity)  # [T*K]; e*C = dropped
-        token_of_slot = jnp.full((e * capacity,), t, jnp.int32).at[slot].set(
-            jnp.arange(t * k, dtype=jnp.int32) // k, mode="drop"
-        )
-        xe = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[token_of_slot].reshape(e, capacity, -1)
-        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, gate)) * jnp.einsum("ecd,edf->ecf", xe, up)
-        ye = jnp.einsum("ecf,efd->ecd", h, down).reshape(e * capacity, -1)
-        ye = jnp.concatenate([ye, jnp.zeros((1, ye.shape[1]), ye.dtype)])
-        return jnp.einsum("tkd,tk->td", ye[slot].reshape(t, k, -1), weights)
-
-    tiers = sorted({min(t, _round_up(math.ceil(f * t * k / e), 8)) for f in CAPACITY_FACTORS} | {t})
-
-    def from_tier(i: int) -> Array:
-        if i == len(tiers) - 1:
-            return grouped(tiers[i])
-        return jax.lax.cond(busiest <= tiers[i], lambda: grouped(tiers[i]), lambda: from_tier(i + 1))
-
-    return from_tier(0)
+    fits = (flat < e) & (rank < capacity)
+    slot = jnp.where(fits, flat * capacity + rank, e * capacity)  # [T*K]; e*C = not in the batch
+    token_of_slot = jnp.full((e * capacity,), t, jnp.int32).at[slot].set(jnp.arange(t * k, dtype=jnp.int32) // k, mode="drop")
+    gate_c, up_c, down_c = (_expert_weight(w, scales, j, None, x.dtype) for j, w in enumerate((gate, up, down)))
+    xe = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[token_of_slot].reshape(e, capacity, -1)
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, gate_c)) * jnp.einsum("ecd,edf->ecf", xe, up_c)
+    ye = jnp.einsum("ecf,efd->ecd", h, down_c).reshape(e * capacity, -1)
+    ye = jnp.concatenate([ye, jnp.zeros((1, ye.shape[1]), ye.dtype)])
+    y = jnp.einsum("tkd,tk->td", ye[slot].reshape(t, k, -1), jnp.where(fits.reshape(t, k), weights, 0))
+    overflow = valid & ~fits.reshape(t, k)
+    return y + jax.lax.cond(overflow.any(), lambda: expert_by_expert(overflow, OVERFLOW_ROWS), lambda: jnp.zeros_like(x))
 
 
 # ------------------------------------------------------------------------------------------ modules
