@@ -15,7 +15,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -93,7 +94,7 @@ class MatmulRate:
         self._run()
         self.times: list[float] = []
 
-    def sample(self, reps: int) -> "MatmulRate":
+    def sample(self, reps: int) -> MatmulRate:
         self.times += timeit(self._run, reps)
         return self
 
@@ -139,7 +140,7 @@ class OtherLoad:
         busy = (sum(v) - v[3] - v[4]) / hz  # all but idle and iowait
         return busy, sum(v) / hz, t.user + t.system
 
-    def start(self) -> "OtherLoad":
+    def start(self) -> OtherLoad:
         self._t0 = self._sample()
         return self
 
@@ -154,12 +155,11 @@ class OtherLoad:
 def machine() -> str:
     """A short description of the host: CPU model, cores, OS."""
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
