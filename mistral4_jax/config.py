@@ -225,11 +225,7 @@ class Mistral4Config:
         """Our own JSON layout (the dataclass fields); an HF dict (with `model_type`) is also accepted."""
         if "model_type" in d:
             return cls.from_hf_dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"_comment"})
-        if unknown:
-            raise ValueError(f"config field {unknown[0]!r} is not a Mistral4Config field")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_fields(cls, d)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Mistral4Config:
@@ -278,6 +274,15 @@ class Mistral4Config:
         if "softmax_scale" not in changes:
             changes["softmax_scale"] = None
         return dataclasses.replace(self, **changes)
+
+
+def from_fields(cls: Any, d: dict[str, Any]) -> Any:
+    """Dataclass `cls` from a dict of its fields (a "_comment" key is allowed); unknown fields are a ValueError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names - {"_comment"})
+    if unknown:
+        raise ValueError(f"config field {unknown[0]!r} is not a {cls.__name__} field")
+    return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -279,11 +279,9 @@ class VisionConfig:
         """Our own layout (`to_dict`); an HF mistral3 dict (with `vision_config`) is also accepted."""
         if "vision_config" in d:
             return cls.from_hf_dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"_comment"})
-        if unknown:
-            raise ValueError(f"config field {unknown[0]!r} is not a VisionConfig field")
-        return cls(**{k: x for k, x in d.items() if k in names})
+        from .config import from_fields
+
+        return from_fields(cls, d)
 
 
 def _square(x: Any, field: str) -> int:
