@@ -117,33 +117,23 @@ def route(logits: Array, cfg: Mistral4Config) -> tuple[Array, Array]:
 
 
 # ------------------------------------------------------------------------------------------ experts
-def _expert_weight(w: Array, scales: tuple[Array, ...] | None, j: int, i: int | None, dtype: Any) -> Array:
-    """Expert i's slice of w (all experts if i is None), cast to dtype and times its FP8 scale if any."""
-    w = (w if i is None else w[i]).astype(dtype)
+def _expert_weight(w: Array, scales: tuple[Array, ...] | None, j: int, i: Array, dtype: Any) -> Array:
+    """Expert i's slice of w (i may be traced), cast to dtype and times its FP8 scale if any."""
+    w = jax.lax.dynamic_index_in_dim(w, i, keepdims=False).astype(dtype)
     if scales is not None:
-        w = w * (scales[j] if i is None else scales[j][i]).astype(dtype)
+        w = w * jax.lax.dynamic_index_in_dim(scales[j], i, keepdims=False).astype(dtype)
     return w
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-DECODE_ASSIGNMENTS_PER_EXPERT = 4
-"""Up to this many token->expert assignments per expert (on average), experts run one by one."""
-
-OVERFLOW_ROWS = 16
-"""Tokens per step when an expert's overflow runs expert by expert."""
-
-CAPACITY_FACTOR = 2.0
-"""Capacity of the grouped expert kernel, in multiples of the mean load; overflow runs expert by expert."""
+EXPERT_CHUNK_ROWS = 64
+"""Rows per matmul in `routed_experts`: an expert with more copies runs in chunks of this many."""
 
 
 def routed_experts(
     x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, first_expert: Array | int = 0,
     scales: tuple[Array, Array, Array] | None = None,
 ) -> Array:
-    """Weighted sum of the chosen experts' gated MLPs, dropping no token.
+    """Weighted sum of the chosen experts' gated MLPs, exact (no token is dropped, no capacity).
 
     x [T, D]; ids, weights [T, K]; gate, up [E, D, F]; down [E, F, D] -> [T, D] (x's dtype).
     The expert weights may be in their storage dtype (with FP8, `scales` holds the three [E, 1, 1]
@@ -151,64 +141,50 @@ def routed_experts(
     The experts held here are `first_expert .. first_expert + E - 1` (all of them unless sharded);
     assignments to other experts contribute zero.
 
-    Two kernels, both exact:
-    - expert by expert: one `lax.cond` per expert, taken only by experts that some assignment chose,
-      each reading its weights in place (static slices) once and running on all T tokens (weight 0 for
-      tokens that did not choose it). Used alone when there are few tokens per expert (decode).
-    - grouped: token copies sorted into a [E, C, D] batch (C = `CAPACITY_FACTOR` x the mean load) and
-      one batched einsum per matrix (prefill). Assignments past an expert's capacity are not dropped:
-      they go through the expert-by-expert kernel, which then only runs the overflowing experts.
+    The T*K token copies are sorted by expert. A loop over the experts that some copy chose (the others'
+    weights are never read) runs each one on its own rows, R = min(`EXPERT_CHUNK_ROWS`, T) at a time
+    (an inner loop); the last chunk is padded only up to the next power of two (a `lax.switch` over a
+    few static matmul shapes; its extra rows belong to the next expert, which overwrites them). Outputs
+    land in sorted order; the copies are then weighted and summed per token. On CPU this beats batched
+    einsums over a fixed capacity, which compute every expert at the busiest one's size (grouped ragged
+    matmuls are the accelerator alternative).
     """
     t, k = ids.shape
-    e = gate.shape[0]
+    e, dim = gate.shape[0], x.shape[1]
     local = ids - first_expert
     valid = (local >= 0) & (local < e)
-    local = jnp.where(valid, local, 0)
-    weights = jnp.where(valid, weights, 0).astype(x.dtype)
-
-    def expert_by_expert(take: Array, rows: int | None = None) -> Array:
-        """Sum over the assignments where `take` [T, K] is True. With `rows`, each expert runs only on its
-        own tokens, `rows` at a time (a while loop), instead of on all T."""
-        per_expert = jnp.zeros((e, t), x.dtype).at[local, jnp.arange(t)[:, None]].add(jnp.where(take, weights, 0))
-        counts = jnp.zeros((e,), jnp.int32).at[local].add(take.astype(jnp.int32))
-        x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
-        y = jnp.zeros_like(x_pad)
-        for i in range(e):
-            def run(y, i=i):
-                g, u, d = (_expert_weight(w, scales, j, i, x.dtype) for j, w in enumerate((gate, up, down)))
-                if rows is None:
-                    return y.at[:t].add(per_expert[i][:, None] * ((jax.nn.silu(x @ g) * (x @ u)) @ d))
-                tokens = jnp.nonzero(per_expert[i] != 0, size=t + rows, fill_value=t)[0]  # [T + R], padded with t
-
-                def chunk(carry):
-                    j, y = carry
-                    idx = jax.lax.dynamic_slice_in_dim(tokens, j * rows, rows)
-                    xr = x_pad[idx]
-                    out = (jax.nn.silu(xr @ g) * (xr @ u)) @ d
-                    return j + 1, y.at[idx].add(per_expert[i].at[idx].get(mode="fill", fill_value=0)[:, None] * out)
-
-                return jax.lax.while_loop(lambda c: c[0] * rows < counts[i], chunk, (0, y))[1]
-            y = jax.lax.cond(counts[i] > 0, run, lambda y: y, y)
-        return y[:t]
-
-    capacity = min(t, _round_up(math.ceil(CAPACITY_FACTOR * t * k / e), 8))
-    if t * k <= DECODE_ASSIGNMENTS_PER_EXPERT * e or capacity >= t:
-        return expert_by_expert(valid)
-
     flat = jnp.where(valid, local, e).reshape(-1)  # [T*K]; e = "not here"
-    onehot = (flat[:, None] == jnp.arange(e)).astype(jnp.int32)  # [T*K, E]
-    rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), jnp.minimum(flat, e - 1)[:, None], axis=1)[:, 0] - 1
-    fits = (flat < e) & (rank < capacity)
-    slot = jnp.where(fits, flat * capacity + rank, e * capacity)  # [T*K]; e*C = not in the batch
-    token_of_slot = jnp.full((e * capacity,), t, jnp.int32).at[slot].set(jnp.arange(t * k, dtype=jnp.int32) // k, mode="drop")
-    gate_c, up_c, down_c = (_expert_weight(w, scales, j, None, x.dtype) for j, w in enumerate((gate, up, down)))
-    xe = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[token_of_slot].reshape(e, capacity, -1)
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, gate_c)) * jnp.einsum("ecd,edf->ecf", xe, up_c)
-    ye = jnp.einsum("ecf,efd->ecd", h, down_c).reshape(e * capacity, -1)
-    ye = jnp.concatenate([ye, jnp.zeros((1, ye.shape[1]), ye.dtype)])
-    y = jnp.einsum("tkd,tk->td", ye[slot].reshape(t, k, -1), jnp.where(fits.reshape(t, k), weights, 0))
-    overflow = valid & ~fits.reshape(t, k)
-    return y + jax.lax.cond(overflow.any(), lambda: expert_by_expert(overflow, OVERFLOW_ROWS), lambda: jnp.zeros_like(x))
+    order = jnp.argsort(flat, stable=True)  # the copies grouped by expert
+    counts = jnp.zeros((e + 1,), jnp.int32).at[flat].add(1)[:e]
+    starts = jnp.cumsum(counts) - counts
+    chosen = jnp.nonzero(counts > 0, size=e, fill_value=0)[0]
+    rows = min(EXPERT_CHUNK_ROWS, t)
+    tiers = tuple(1 << j for j in range(rows.bit_length()) if 1 << j < rows) + (rows,)
+    xs = jnp.concatenate([x[order // k], jnp.zeros((rows, dim), x.dtype)])  # [T*K + R, D] sorted copies
+
+    def expert(n: Array, out: Array) -> Array:
+        i = chosen[n]
+        g, u, d = (_expert_weight(w, scales, j, i, x.dtype) for j, w in enumerate((gate, up, down)))
+
+        def tier(r: int) -> Any:
+            def run(start: Array) -> Array:  # [r, D] rows from `start`, zero-padded to [R, D]
+                xr = jax.lax.dynamic_slice_in_dim(xs, start, r)
+                return jnp.pad((jax.nn.silu(xr @ g) * (xr @ u)) @ d, ((0, rows - r), (0, 0)))
+            return run
+
+        def chunk(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+            c, out = carry
+            start = starts[i] + c * rows
+            left = jnp.minimum(counts[i] - c * rows, rows)
+            y = jax.lax.switch(jnp.searchsorted(jnp.asarray(tiers), left), [tier(r) for r in tiers], start)
+            return c + 1, jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=0)
+
+        return jax.lax.while_loop(lambda carry: carry[0] * rows < counts[i], chunk, (0, out))[1]
+
+    out = jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros_like(xs))
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))  # copy -> sorted slot
+    w = jnp.where(valid, weights, 0).astype(x.dtype)
+    return jnp.einsum("tkd,tk->td", out[back].reshape(t, k, dim), w)
 
 
 # ------------------------------------------------------------------------------------------ modules

@@ -89,11 +89,12 @@ def test_router_matches_hf(fields):
 
 
 def test_routed_experts_never_drop_tokens_under_imbalance():
-    """All tokens routed to the same experts overflow every capacity tier; the result must stay exact."""
-    from mistral4_jax.model import routed_experts
+    """All tokens routed to the same two experts (several full chunks plus a padded last one) or spread
+    out; the result must stay exact."""
+    from mistral4_jax.model import EXPERT_CHUNK_ROWS, routed_experts
 
     rng = np.random.default_rng(0)
-    t, k, e, d, f = 40, 2, 8, 16, 8
+    t, k, e, d, f = 2 * EXPERT_CHUNK_ROWS + 17, 2, 8, 16, 8  # last chunk: 17 rows, in the 32-row tier
     x = rng.normal(size=(t, d)).astype(np.float32)
     gate, up = rng.normal(size=(e, d, f)).astype(np.float32), rng.normal(size=(e, d, f)).astype(np.float32)
     down = rng.normal(size=(e, f, d)).astype(np.float32)
@@ -111,7 +112,7 @@ def test_routed_experts_never_drop_tokens_under_imbalance():
     for ids in (np.tile([[3, 5]], (t, 1)), rng.permuted(np.tile(np.arange(e), (t, 1)), axis=1)[:, :k]):
         got = jax.jit(routed_experts)(x, ids.astype(np.int32), w, gate, up, down)
         np.testing.assert_allclose(np.asarray(got), dense(ids), rtol=1e-4, atol=1e-4)
-    # decode-sized input takes the gather path
+    # decode-sized input (small row tiers)
     got = routed_experts(x[:2], ids[:2].astype(np.int32), w[:2], gate, up, down)
     np.testing.assert_allclose(np.asarray(got), dense(ids)[:2], rtol=1e-4, atol=1e-4)
 
