@@ -1,6 +1,6 @@
 """Decode throughput of mistral4_jax vs transformers' `generate`, and ours against the memory-bandwidth bound.
 
-    python benchmarks/decode.py [--quick] [--config small] [--prompt 128] [--new 64] [--layer-loop unroll]
+    python benchmarks/decode.py [--quick] [--config small] [--prompt 128] [--new 64] [--layer-loop auto]
 
 Both sides run the same random float32 weights (built by transformers from `configs/<config>.json`,
 saved, loaded into ours) on `--prompt`-token prompts at batch 1 and batch 8, generating exactly `--new`
@@ -76,7 +76,8 @@ def main() -> None:
     ap.add_argument("--config", default="small")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--layer-loop", default="unroll", choices=["scan", "unroll"])
+    ap.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unroll"],
+                    help="as `mistral4_jax.load` (auto: unrolled on CPU)")
     ap.add_argument("--quick", action="store_true", help="one timed repetition instead of three")
     args = ap.parse_args()
     reps = 1 if args.quick else 3
@@ -93,12 +94,10 @@ def main() -> None:
         never = cfg.vocab_size - 1  # a stop id, so rows run to the full budget on both sides
         with tempfile.TemporaryDirectory() as tmp:
             hf = C.save_hf_reference(cfg, tmp)
-            ours = mistral4_jax.load(tmp, dtype="float32")
-        if args.layer_loop == "unroll":
-            ours = mistral4_jax.Mistral4(cfg, ours.params, layer_loop="unroll")
+            ours = mistral4_jax.load(tmp, dtype="float32", layer_loop=args.layer_loop)
         rng = np.random.default_rng(0)
         record: dict = {"bench": "decode", "config": args.config, "prompt_tokens": args.prompt, "new_tokens": args.new,
-                        "layer_loop": args.layer_loop}
+                        "layer_loop": ours.layer_loop}
         for b in BATCHES:
             prompts = rng.integers(3, cfg.vocab_size - 1, size=(b, args.prompt))
             requests = [Request(p.tolist(), args.new) for p in prompts]

@@ -6,9 +6,12 @@ Both sides run the same random float32 weights (built by transformers from `conf
 saved with `save_pretrained`, loaded into ours with `mistral4_jax.load`) on the same random prompts of
 `--tokens` tokens at batch 1 and batch 8, and do the same work: a full prefill that returns the logits
 of the last position only (`logits_to_keep=1` under `torch.inference_mode()` for transformers,
-`model.forward(ids, last_only=True)` + `jax.block_until_ready` for ours). Each side is warmed up first
-(ours compiles once per shape), then timed in blocks of consecutive calls (two rounds, ABBA order);
-the median over all timed calls is reported (and the best call, as `*_best`).
+`model.forward(ids, last_only=True)` + `jax.block_until_ready` for ours). Ours is timed twice: as
+`load` gives it by default (`layer_loop="auto"`, unrolled layers on CPU: `ours_*`, `ratio_*`) and with
+the layers under `lax.scan` (`ours_scan_*`, `ratio_scan_*`; the layout accelerators use by default).
+Each side is warmed up first (ours compiles once per shape), then timed in blocks of consecutive calls
+(two rounds, the second in reverse order); the median over all timed calls is reported (and the best
+call, as `*_best`).
 
 In the same run it measures the machine's float32 matmul rate (jitted jnp 2048x2048 @ 2048x2048,
 sampled before and between the timed blocks; median) and reports ours as a fraction of it (analytic
@@ -76,7 +79,7 @@ def prefill_flops_per_token(cfg, tokens: int) -> float:
 def compile_seconds(cfg, layers: int, tokens: int, reps: int) -> float:
     """Median seconds to lower + compile the forward pass (batch 1, `tokens` tokens, last position only).
 
-    The model is `mistral4_jax.Mistral4(cfg, params)` with `layers` layers and abstract parameters
+    The model is `mistral4_jax.Mistral4(cfg, params, layer_loop="scan")` with `layers` layers and abstract parameters
     (`mistral4_jax.model.abstract_params`: shapes and dtypes are all compilation needs); its `apply`
     runs under a fresh `jax.jit` of a fresh function for every repetition, so nothing is served from
     jit's caches.
@@ -91,7 +94,7 @@ def compile_seconds(cfg, layers: int, tokens: int, reps: int) -> float:
 
     cfg = cfg.replace(num_hidden_layers=layers)
     params = abstract_params(cfg, jnp.float32)
-    model = mistral4_jax.Mistral4(cfg, params, dtype="float32")
+    model = mistral4_jax.Mistral4(cfg, params, dtype="float32", layer_loop="scan")
     ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
     mask = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
 
@@ -129,13 +132,18 @@ def run(args: argparse.Namespace) -> dict:
     record: dict = {"bench": "forward", "config": args.config, "tokens": tokens}
     with tempfile.TemporaryDirectory(prefix="m4bench-") as tmp:
         hf = C.save_hf_reference(cfg, tmp, seed=0)
-        ours = mistral4_jax.load(tmp, dtype="float32")
+        ours = mistral4_jax.load(tmp, dtype="float32")  # layer_loop "auto": unrolled on CPU
+        ours_scan = mistral4_jax.load(tmp, dtype="float32", layer_loop="scan")
+        record["layer_loop"] = ours.layer_loop
         for b in BATCHES:
             ids = rng.integers(0, cfg.vocab_size, (b, tokens), dtype=np.int64)
             ids_t = torch.from_numpy(ids)
 
             def run_ours(ids=ids):
                 return jax.block_until_ready(ours.forward(ids, last_only=True))
+
+            def run_scan(ids=ids):
+                return jax.block_until_ready(ours_scan.forward(ids, last_only=True))
 
             def run_hf(ids_t=ids_t):
                 with torch.inference_mode():
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> dict:
             out = run_ours()
             first_call = time.perf_counter() - t0
             C.log(f"b{b}: ours first call (compile + run) {first_call:.2f}s")
+            run_scan()
             ref = run_hf()
             diff = float(np.max(np.abs(np.asarray(out[0])[:, -1] - ref[:, -1].numpy())))
             C.log(f"b{b}: max |logit diff| last position {diff:.2e}")
@@ -153,11 +162,12 @@ def run(args: argparse.Namespace) -> dict:
             # Blocks, not alternating single calls: alternating made transformers' timings far slower and
             # noisier in trials here. Each block starts with warm-up calls; the second round runs in the
             # opposite order so that drift in the machine's load is shared out.
-            t_ours, t_hf = [], []
+            t_ours, t_hf, t_scan = [], [], []
+            sides = {"ours": (run_ours, t_ours), "hf": (run_hf, t_hf), "scan": (run_scan, t_scan)}
             load = C.OtherLoad().start()
-            for first, second in (("ours", "hf"), ("hf", "ours")):
-                for side in (first, second):
-                    fn, acc = (run_ours, t_ours) if side == "ours" else (run_hf, t_hf)
+            for order in (("ours", "hf", "scan"), ("scan", "hf", "ours")):
+                for side in order:
+                    fn, acc = sides[side]
                     C.timeit(fn, args.warmup)
                     acc += C.timeit(fn, -(-reps // 2))
                 mm.sample(3)  # the matmul rate under the same conditions as the timings it is compared with
@@ -175,6 +185,8 @@ def run(args: argparse.Namespace) -> dict:
             record[f"ratio_b{b}"] = round(ours_tok_s / hf_tok_s, 3)
             record[f"ratio_b{b}_best"] = round(min(t_hf) / min(t_ours), 3)
             record[f"ours_tok_s_b{b}_best"] = round(b * tokens / min(t_ours), 1)
+            record[f"ours_scan_tok_s_b{b}"] = round(b * tokens / C.median(t_scan), 1)
+            record[f"ratio_scan_b{b}"] = round(C.median(t_hf) / C.median(t_scan), 3)
             record[f"hf_tok_s_b{b}_best"] = round(b * tokens / min(t_hf), 1)
             record[f"max_abs_logit_diff_b{b}"] = diff
             record[f"other_cpu_b{b}"] = None if other is None else round(other, 3)

@@ -72,18 +72,21 @@ class Mistral4:
     `dtype` is the storage dtype of the parameters, `compute_dtype` the dtype of activations.
     `mesh`: a ("data", "expert", "tensor") mesh (`sharding.make_mesh`) to shard the parameters over
     (placed by the rules table; experts run expert-parallel); None = one device.
-    `layer_loop`: "scan" runs the stacked layers under `lax.scan` (compile time flat in depth; the
-    default), "unroll" unstacks them into per-layer arrays and unrolls the loop (faster weight reads
-    on CPU decode, compile time grows with depth).
+    `layer_loop`: "scan" runs the stacked layers under `lax.scan` (compile time flat in depth),
+    "unroll" unstacks them into per-layer arrays and unrolls the loop (compile time grows with depth;
+    on CPU much faster, because XLA:CPU copies each layer's weights out of the stack where the scan
+    reads them). "auto" (the default): "unroll" on CPU without a mesh, else "scan".
     `vision_config` / `vision_params`: the Pixtral tower + Mistral 3 projector (`vision.VisionConfig`, the
     tree of `vision.read_vision_params` / `vision.init_params`), or None for a text-only model. Images
     (`logits(..., images=)`, `generate(..., images=)`, image parts in `chat`) need them.
     """
 
     def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
-                 mesh: Any = None, layer_loop: str = "scan", vision_config: Any = None, vision_params: Any = None) -> None:
-        if layer_loop not in ("scan", "unroll"):
-            raise ValueError(f"layer_loop must be 'scan' or 'unroll', got {layer_loop!r}")
+                 mesh: Any = None, layer_loop: str = "auto", vision_config: Any = None, vision_params: Any = None) -> None:
+        if layer_loop not in ("auto", "scan", "unroll"):
+            raise ValueError(f"layer_loop must be 'auto', 'scan' or 'unroll', got {layer_loop!r}")
+        if layer_loop == "auto":
+            layer_loop = "unroll" if mesh is None and jax.default_backend() == "cpu" else "scan"
         self.config = config
         self.dtype = resolve_dtype(dtype)
         if mesh is not None:
@@ -348,7 +351,7 @@ class Mistral4:
 
 
 def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
-         shardings: Any = None, layer_loop: str = "scan", text_only: bool = False) -> Mistral4:
+         shardings: Any = None, layer_loop: str = "auto", text_only: bool = False) -> Mistral4:
     """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
     checkpoint directory (config.json + safetensors).
 

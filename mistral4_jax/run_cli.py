@@ -25,8 +25,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16, float8_e4m3fn "
                    "(default: the checkpoint's; float32 for HF directories)")
     p.add_argument("--mesh", default=None, help="e.g. data=1,expert=4,tensor=2 (one axis may be -1); default one device")
-    p.add_argument("--layer-loop", default="scan", choices=["scan", "unroll"],
-                   help="scan (compile time flat in depth) or unroll (faster CPU decode)")
+    p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unroll"],
+                   help="scan (compile time flat in depth), unroll (much faster on CPU) or auto "
+                        "(unroll on CPU without a mesh, else scan; the default)")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods)")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT")
     p.add_argument("--num-processes", type=int, default=None)

@@ -16,11 +16,16 @@ CFG = TINY.replace(original_max_position_embeddings=4)  # YaRN + query scaling a
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
     hf = make_hf_model(CFG, seed=11)
     save_hf(hf, str(d))
-    return hf, mistral4_jax.load(d)
+    return hf, d
+
+
+@pytest.fixture(scope="module")
+def pair(saved):
+    return saved[0], mistral4_jax.load(saved[1])
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +48,13 @@ def hf_greedy_batch(hf, prompts, new_tokens, eos):
     return [row[t:].tolist() for row in out]
 
 
-def test_greedy_equals_transformers_generate(pair, prompts):
+@pytest.mark.parametrize("layer_loop", ["auto", "scan"])
+def test_greedy_equals_transformers_generate(saved, pair, prompts, layer_loop):
+    """Both layer loops: "auto" is "unroll" here (CPU, no mesh: per-layer arrays), "scan" the stacked layout."""
     hf, model = pair
+    if layer_loop == "scan":
+        model = mistral4_jax.load(saved[1], layer_loop="scan")
+    assert model.layer_loop == ("scan" if layer_loop == "scan" else "unroll")
     never = CFG.vocab_size - 1
     ref = hf_greedy_batch(hf, prompts, 32, never)
     ours = model.generate(prompts, max_new_tokens=32, stop_token_ids=[never])

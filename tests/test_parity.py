@@ -20,7 +20,7 @@ VARIANTS = {
 }
 
 
-def _run(cfg, tmp_path, ids, mask=None, position_ids=None, seed=0):
+def _run(cfg, tmp_path, ids, mask=None, position_ids=None, seed=0, layer_loop="auto"):
     hf = make_hf_model(cfg, seed)
     save_hf(hf, str(tmp_path))
     records, remove = router_choices(hf)
@@ -32,7 +32,8 @@ def _run(cfg, tmp_path, ids, mask=None, position_ids=None, seed=0):
             kwargs["position_ids"] = torch.tensor(position_ids)
         ref = hf(torch.tensor(ids), **kwargs).logits.numpy()
     remove()
-    model = mistral4_jax.load(tmp_path, dtype="float32")
+    model = mistral4_jax.load(tmp_path, dtype="float32", layer_loop=layer_loop)
+    assert model.layer_loop == ("scan" if layer_loop == "scan" else "unroll")  # auto: unrolled on CPU
     logits, experts = model.forward(ids, mask)
     return ref, np.asarray(logits), records, experts
 
@@ -53,6 +54,17 @@ def test_logits_match_transformers(variant, tmp_path):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, cfg.vocab_size, size=(2, 24))
     ref, ours, records, experts = _run(cfg, tmp_path, ids)
+    valid = np.ones(ids.shape, bool)
+    assert_logits_close(ref, ours, valid)
+    _assert_same_experts(records, experts, valid)
+
+
+@pytest.mark.parametrize("variant", ["default", "first_dense"])
+def test_scanned_layers_match_transformers(variant, tmp_path):
+    """The same with the layers under `lax.scan` (stacked arrays: accelerators' default; CPU's is unrolled)."""
+    cfg = TINY.replace(**VARIANTS[variant])
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 24))
+    ref, ours, records, experts = _run(cfg, tmp_path, ids, layer_loop="scan")
     valid = np.ones(ids.shape, bool)
     assert_logits_close(ref, ours, valid)
     _assert_same_experts(records, experts, valid)
