@@ -182,7 +182,7 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
 
     def body(x, ids, weights, gate, up, down, scales):
         # tokens are the same on every expert/tensor shard; mark them as varying there so that values
-        # mixing tokens and local weights (e.g. the per-expert lax.cond branches) have one type
+        # mixing tokens and local weights (e.g. the expert loop and its lax.switch) have one type
         x, ids, weights = (_vary(a, manual) for a in (x, ids, weights))
         first = jax.lax.axis_index(e_ax) * local if e_ax else 0
         y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales)

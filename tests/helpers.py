@@ -40,6 +40,22 @@ def save_hf(model: transformers.PreTrainedModel, directory: str) -> str:
     return directory
 
 
+def hf_greedy_batch(hf: transformers.PreTrainedModel, prompts: list[list[int]], new_tokens: int, eos: int,
+                    pad: int) -> list[list[int]]:
+    """transformers' batched greedy generate with left padding (its position ids follow the mask):
+    the new tokens of every row."""
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad)
+    mask = torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=eos, pad_token_id=pad)
+    return [row[t:].tolist() for row in out]
+
+
 def router_choices(model: transformers.Mistral4ForCausalLM) -> tuple[list, Any]:
     """Register hooks that record each MoE router's top-k expert ids; returns (records, remove_fn)."""
     records: list[np.ndarray] = []

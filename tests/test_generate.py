@@ -10,7 +10,7 @@ import torch
 
 import mistral4_jax
 from mistral4_jax import model as M
-from helpers import TINY, make_hf_model, save_hf
+from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
 
 CFG = TINY.replace(original_max_position_embeddings=4)  # YaRN + query scaling active within the test lengths
 
@@ -34,20 +34,6 @@ def prompts():
     return [rng.integers(3, CFG.vocab_size, size=n).tolist() for n in (5, 13, 9)]
 
 
-def hf_greedy_batch(hf, prompts, new_tokens, eos):
-    """transformers' batched greedy generate with left padding (its position ids follow the mask)."""
-    t = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), t), CFG.pad_token_id)
-    mask = torch.zeros((len(prompts), t), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = torch.tensor(p)
-        mask[i, t - len(p):] = 1
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                          eos_token_id=eos, pad_token_id=CFG.pad_token_id)
-    return [row[t:].tolist() for row in out]
-
-
 @pytest.mark.parametrize("layer_loop", ["auto", "scan"])
 def test_greedy_equals_transformers_generate(saved, pair, prompts, layer_loop):
     """Both layer loops: "auto" is "unroll" here (CPU, no mesh: per-layer arrays), "scan" the stacked layout."""
@@ -56,7 +42,7 @@ def test_greedy_equals_transformers_generate(saved, pair, prompts, layer_loop):
         model = mistral4_jax.load(saved[1], layer_loop="scan")
     assert model.layer_loop == ("scan" if layer_loop == "scan" else "unroll")
     never = CFG.vocab_size - 1
-    ref = hf_greedy_batch(hf, prompts, 32, never)
+    ref = hf_greedy_batch(hf, prompts, 32, never, CFG.pad_token_id)
     ours = model.generate(prompts, max_new_tokens=32, stop_token_ids=[never])
     for r, o in zip(ref, ours):
         assert o.tokens == r[: len(o.tokens)] and len(o.tokens) == 32, (r, o.tokens)

@@ -10,7 +10,7 @@ import pytest
 import mistral4_jax
 from mistral4_jax import Mistral4, hf
 from mistral4_jax.sharding import make_mesh, parse_mesh
-from helpers import TINY, make_hf_model, save_hf
+from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
 
 CFG = TINY.replace(num_attention_heads=8, first_k_dense_replace=1, num_hidden_layers=3)
 MESHES = ["data=1,expert=8,tensor=1", "data=1,expert=4,tensor=2", "data=2,expert=2,tensor=2",
@@ -21,24 +21,36 @@ MESHES = ["data=1,expert=8,tensor=1", "data=1,expert=4,tensor=2", "data=2,expert
 def reference(tmp_path_factory):
     assert jax.device_count() == 8
     d = tmp_path_factory.mktemp("shard")
-    save_hf(make_hf_model(CFG, seed=21), str(d))
+    ref = make_hf_model(CFG, seed=21)
+    save_hf(ref, str(d))
     single = mistral4_jax.load(d)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, CFG.vocab_size, size=(8, 12))
     prompts = [rng.integers(3, CFG.vocab_size, size=n).tolist() for n in (5, 13, 9)]
     tokens = [r.tokens for r in single.generate(prompts, max_new_tokens=8, stop_token_ids=[CFG.vocab_size - 1])]
-    return hf.read_params(str(d), CFG), ids, single.logits(ids), prompts, tokens
+    return hf.read_params(str(d), CFG), ids, single.logits(ids), prompts, tokens, ref
 
 
 @pytest.mark.parametrize("spec", MESHES)
 def test_mesh_matches_single_device(reference, spec):
-    params, ids, logits, prompts, tokens = reference
+    params, ids, logits, prompts, tokens, _ = reference
     model = Mistral4(CFG, params, mesh=make_mesh(spec))
     np.testing.assert_allclose(model.logits(ids), logits, atol=1e-4, rtol=0)
-    # one token per row takes the per-expert (lax.cond) MoE path under shard_map
+    # one token per row: decode-sized expert chunks under shard_map
     np.testing.assert_allclose(model.logits(ids[:, :1]), logits[:, :1], atol=1e-4, rtol=0)
     got = [r.tokens for r in model.generate(prompts, max_new_tokens=8, stop_token_ids=[CFG.vocab_size - 1])]
     assert got == tokens
+
+
+def test_greedy_on_a_mesh_equals_transformers_generate(reference):
+    """3 prompts of different lengths in one batch, 32 new tokens, on all 8 devices (experts and heads split)."""
+    params, _, _, prompts, _, ref_model = reference
+    never = CFG.vocab_size - 1
+    ref = hf_greedy_batch(ref_model, prompts, 32, never, CFG.pad_token_id)
+    model = Mistral4(CFG, params, mesh=make_mesh("data=1,expert=4,tensor=2"))
+    assert model.layer_loop == "scan"
+    got = [r.tokens for r in model.generate(prompts, max_new_tokens=32, stop_token_ids=[never])]
+    assert got == ref
 
 
 def test_each_device_holds_its_share_of_the_experts(reference):
