@@ -48,7 +48,8 @@ from .config import Mistral4Config
 log = logging.getLogger(__name__)
 
 FORMAT = "mistral4-jax/orbax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""v2: lm_head stored [vocab, embed] (v1 had [embed, vocab]); convert again from the HF checkpoint."""
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 PARAMS = "params"
@@ -314,7 +315,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
-                         f"expected {FORMAT!r} v{FORMAT_VERSION}")
+                         f"expected {FORMAT!r} v{FORMAT_VERSION} (convert the source checkpoint again)")
     return manifest
 
 

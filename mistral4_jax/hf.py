@@ -277,7 +277,7 @@ def read_globals(r: HFReader, cfg: Mistral4Config) -> dict[str, Any]:
         "final_norm": {"scale": r.get("model.norm.weight", (cfg.hidden_size,))},
     }
     if not cfg.tie_word_embeddings:
-        out["lm_head"] = _lin(r, "lm_head", cfg.vocab_size, cfg.hidden_size)
+        out["lm_head"] = r.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))  # [X, D], as HF stores it
     elif r.has("lm_head.weight"):
         r.used.add("lm_head.weight")
     return out

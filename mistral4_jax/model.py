@@ -394,7 +394,7 @@ def _top_level_specs(cfg: Mistral4Config, param_dtype: Any) -> dict[str, tuple[t
         "final_norm": ((cfg.hidden_size,), float_dtype, ("norm",)),
     }
     if not cfg.tie_word_embeddings:
-        specs["lm_head"] = ((cfg.hidden_size, cfg.vocab_size), float_dtype, ("embed", "vocab"))
+        specs["lm_head"] = ((cfg.vocab_size, cfg.hidden_size), float_dtype, ("vocab", "embed"))  # as embed: [X, D]
     return specs
 
 
@@ -535,5 +535,6 @@ def forward(
     if last_only:
         h = h[:, -1:]
     h = RMSNorm(cfg, dtype, param_dtype, None, cfg.rms_norm_eps).apply({"params": params["final_norm"]}, h)
-    head = embed.T if cfg.tie_word_embeddings else params["lm_head"]
-    return (h @ head.astype(dtype)).astype(jnp.float32), expert_ids, cache
+    head = embed if cfg.tie_word_embeddings else params["lm_head"]  # [X, D]: XLA:CPU's small-batch matmul is
+    # faster against this (HF's) layout than against [D, X]
+    return jnp.einsum("btd,xd->btx", h, head.astype(dtype)).astype(jnp.float32), expert_ids, cache

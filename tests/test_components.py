@@ -129,6 +129,6 @@ def test_real_config_shapes_and_logical_axes():
     assert jax.tree_util.tree_structure(axes, is_leaf=lambda x: isinstance(x, tuple)) == jax.tree_util.tree_structure(params)
     assert tuple(axes["layers_moe"]["moe"]["experts_gate"]) == ("layers", "experts", "embed", "expert_mlp")
     assert tuple(axes["layers_moe"]["attn"]["q_b_proj"]) == ("layers", "q_lora", "heads", "qk_dim")
-    assert tuple(axes["lm_head"]) == ("embed", "vocab")
+    assert tuple(axes["lm_head"]) == ("vocab", "embed")
     for leaf, spec in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
         assert len(spec) == len(leaf.shape) and all(a is not None for a in spec), spec
