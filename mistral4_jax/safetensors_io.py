@@ -102,14 +102,15 @@ class SafetensorsFile:
 
 
 def safe_child(directory: str, name: str, what: str) -> str:
-    """`directory/name` if `name` is a plain relative path that stays inside `directory`, else ValueError."""
+    """`directory/name` if `name` (from an untrusted index) is a plain relative path that stays inside
+    `directory` as written (no absolute path, no `..`), else ValueError. Symbolic links already in the
+    directory are followed: the Hugging Face cache's snapshots link each file to `../../blobs/<hash>`."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
         raise ValueError(f"{what}: invalid file name {name!r}")
-    root = os.path.realpath(directory)
-    full = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, full]) != root:
+    norm = os.path.normpath(name)
+    if norm == os.curdir or norm.split(os.sep)[0] == os.pardir or os.path.isabs(norm):
         raise ValueError(f"{what}: file name {name!r} leaves the checkpoint directory")
-    return full
+    return os.path.join(directory, norm)
 
 
 class TensorIndex:

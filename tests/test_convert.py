@@ -581,6 +581,19 @@ def test_bad_index_path_leaves_source(sharded, tmp_path, capsys):
     _expect_error(sharded, str(tmp_path / "dst"), capsys, "../outside.safetensors", "leaves the checkpoint directory")
 
 
+def test_hub_cache_layout_with_symlinked_shards(sharded, tmp_path):
+    """A Hugging Face cache snapshot (every file a symlink to ../../blobs/<hash>) loads like the directory."""
+    repo = tmp_path / "models--x--y"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(sharded))):
+        shutil.copy(os.path.join(sharded, name), repo / "blobs" / f"blob{i}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snap / name)
+    got = jax.tree_util.tree_map(np.asarray, hf.read_params(str(snap), CFG, np.float32))
+    assert_trees_equal(got, jax.tree_util.tree_map(np.asarray, hf.read_params(sharded, CFG, np.float32)))
+
+
 def test_bad_duplicate_tensor(tmp_path, weights, capsys):
     t = bf16_round(weights)
     t["language_model.model.norm.weight"] = t["model.norm.weight"]
