@@ -203,7 +203,8 @@ def _batch(model: Any, args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ chat
 def add_chat(sub: Any, subcommand: Any) -> None:
-    p = subcommand(sub, "chat", help="interactive chat session (/reset clears the history, /exit quits)")
+    p = subcommand(sub, "chat", help="interactive chat session (/image PATH attaches an image to the next "
+                                     "message, /reset clears the history, /exit quits)")
     add_model_options(p)
     add_sampling_options(p)
     p.add_argument("--system", default=None, help="system prompt")
@@ -214,20 +215,39 @@ def run_chat(args: argparse.Namespace) -> int:
     model = load_model(args)
     history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     base = list(history)
-    print("chat: type a message; /reset clears the history, /exit quits", file=sys.stderr)
+    images: list[str] = []  # attached to the next message
+    print("chat: type a message; /image PATH attaches an image to the next one, /reset clears the history, "
+          "/exit quits", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = input("> ").strip()
         except EOFError:
             break
-        if line.strip() in ("/exit", "/quit"):
+        if line in ("/exit", "/quit"):
             break
-        if line.strip() == "/reset":
-            history = list(base)
+        if line == "/reset":
+            history, images = list(base), []
             continue
-        if not line.strip():
+        if line.startswith("/image"):
+            path = os.path.expanduser(line[len("/image"):].strip())
+            if not model.has_vision:
+                print("chat: this model has no vision tower; /image is not available", file=sys.stderr)
+            elif not os.path.isfile(path):
+                print(f"chat: no such image file: {path!r}", file=sys.stderr)
+            else:
+                images.append(path)
+                print(f"chat: {path} attached to the next message ({len(images)} image(s))", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        answer = _stream_answer(model, history, args)
-        history.append({"role": "assistant", "content": answer})
+        if not line:
+            continue
+        parts = [{"type": "image_url", "image_url": {"url": p}} for p in images]
+        message = {"role": "user", "content": parts + [{"type": "text", "text": line}] if parts else line}
+        try:
+            answer = _stream_answer(model, history + [message], args)
+        except (ValueError, OSError) as e:  # e.g. an unreadable image: report it, keep the session
+            print(f"chat: error: {e}", file=sys.stderr)
+            images = []
+            continue
+        history += [message, {"role": "assistant", "content": answer}]
+        images = []
     return 0

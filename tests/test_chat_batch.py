@@ -64,3 +64,32 @@ def test_jsonl_batch_keeps_order_ids_and_reports_bad_lines(model):
     assert out[0]["completion_tokens"] <= 3 and out[5]["completion_tokens"] <= 5
     again = list(batch.run(model, lines, {"max_new_tokens": 4}, batch_size=8))
     assert again == out  # batch composition does not change results (per-request seeds)
+
+
+def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
+    """`mistral4-jax chat`: typed lines become turns; `/image PATH` attaches an image to the next message
+    (its [IMG] tokens and pixels reach the generator); a missing file is reported and the session goes on."""
+    from mistral4_jax import cli, demo
+    from mistral4_jax.generate import Generator
+
+    ckpt = tmp_path / "ckpt"
+    demo.write_hf_checkpoint(str(ckpt))
+    demo.demo_image().save(tmp_path / "pic.png")
+    lines = iter(["Hello", "/image " + str(tmp_path / "missing.png"), "/image " + str(tmp_path / "pic.png"),
+                  "What is in the picture?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    stream = Generator.stream
+
+    def spy(self, requests, *a, **k):
+        seen.append((list(requests[0].prompt), len(requests[0].images)))
+        return stream(self, requests, *a, **k)
+
+    monkeypatch.setattr(Generator, "stream", spy)
+    assert cli.main(["chat", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "no such image file" in err and "missing.png" in err
+    assert [n for _, n in seen] == [0, 1]
+    img_id = 10  # the demo checkpoint's image_token_index
+    assert img_id not in seen[0][0] and seen[1][0].count(img_id) > 0
+    assert seen[1][0][: len(seen[0][0])] == seen[0][0][: len(seen[0][0])]  # the first turn is kept in the history
