@@ -127,16 +127,17 @@ def add_generate(sub: Any, subcommand: Any) -> None:
     p.set_defaults(run=run_generate)
 
 
+def _user_message(text: str, images: list[str]) -> dict[str, Any]:
+    """A user turn: plain text, or image parts (file paths) followed by the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": path}} for path in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
 def _messages(args: argparse.Namespace, text: str) -> list[dict[str, Any]]:
-    msgs: list[dict[str, Any]] = []
-    if args.system:
-        msgs.append({"role": "system", "content": args.system})
-    if args.image:
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": path}} for path in args.image]
-        msgs.append({"role": "user", "content": parts + [{"type": "text", "text": text}]})
-    else:
-        msgs.append({"role": "user", "content": text})
-    return msgs
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [_user_message(text, args.image)]
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -240,8 +241,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         if not line:
             continue
-        parts = [{"type": "image_url", "image_url": {"url": p}} for p in images]
-        message = {"role": "user", "content": parts + [{"type": "text", "text": line}] if parts else line}
+        message = _user_message(line, images)
         try:
             answer = _stream_answer(model, history + [message], args)
         except (ValueError, OSError) as e:  # e.g. an unreadable image: report it, keep the session

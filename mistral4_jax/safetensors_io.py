@@ -108,7 +108,7 @@ def safe_child(directory: str, name: str, what: str) -> str:
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
         raise ValueError(f"{what}: invalid file name {name!r}")
     norm = os.path.normpath(name)
-    if norm == os.curdir or norm.split(os.sep)[0] == os.pardir or os.path.isabs(norm):
+    if norm == os.curdir or norm.split(os.sep)[0] == os.pardir:
         raise ValueError(f"{what}: file name {name!r} leaves the checkpoint directory")
     return os.path.join(directory, norm)
 
