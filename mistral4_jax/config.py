@@ -14,7 +14,12 @@ import math
 import os
 from typing import Any
 
-_ROPE_TYPES = ("default", "yarn")
+from .activations import check_activation
+
+_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "longrope": ("short_factor", "long_factor")}
+"""rope_parameters keys that transformers requires per rope type (beyond those we default as it does)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +30,14 @@ class Mistral4Config:
     the YaRN `mscale(factor, mscale_all_dim)` when the rope type is not "default" and `mscale_all_dim` is
     non-zero (0.19497 for the released config). `from_hf_dict` computes it exactly as HF does; a config
     file may set it explicitly (e.g. to the plain `qk_head_dim ** -0.5`) and then that value is used.
+
+    `hidden_act` is any parameter-free activation of transformers' `ACT2FN` (see `activations.py`). Rope
+    types are those of its `ROPE_INIT_FUNCTIONS` that its Mistral 4 runs (see `model.rope_inv_freq`); the
+    HF `rope_parameters` keys map to `rope_theta`, `rope_factor` (factor), `original_max_position_embeddings`,
+    `beta_fast`, `beta_slow`, `mscale`, `mscale_all_dim`, `rope_truncate` (truncate), `rope_attention_factor`
+    (attention_factor; yarn, longrope: None derives it), `rope_low_freq_factor` / `rope_high_freq_factor`
+    (llama3), `rope_short_factor` / `rope_long_factor` (longrope), `partial_rotary_factor` (proportional
+    only; None: all rope dims) and `llama_4_scaling_beta`.
     """
 
     vocab_size: int = 131072
@@ -47,6 +60,7 @@ class Mistral4Config:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
     rope_interleave: bool = True
     rope_type: str = "yarn"
     rope_theta: float = 10000.0
@@ -57,6 +71,12 @@ class Mistral4Config:
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
     rope_truncate: bool = True
+    rope_attention_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
+    partial_rotary_factor: float | None = None
     llama_4_scaling_beta: float | None = 0.1
     max_position_embeddings: int = 1048576
     softmax_scale: float | None = None
@@ -68,8 +88,9 @@ class Mistral4Config:
     def __post_init__(self) -> None:
         if self.softmax_scale is None:
             object.__setattr__(self, "softmax_scale", self.hf_softmax_scale())
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("eos_token_id", "rope_short_factor", "rope_long_factor"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
     # ----------------------------------------------------------------------------------------- derived
@@ -84,6 +105,12 @@ class Mistral4Config:
     @property
     def shared_intermediate_size(self) -> int:
         return self.moe_intermediate_size * self.n_shared_experts
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence generation accepts: `max_position_embeddings`, or None with "dynamic" rope,
+        which (as in transformers) starts scaling at `max_position_embeddings` instead of stopping there."""
+        return None if self.rope_type == "dynamic" else self.max_position_embeddings
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -144,10 +171,8 @@ class Mistral4Config:
             )
         if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
             raise ValueError("config field 'intermediate_size' must be positive when first_k_dense_replace > 0")
-        if self.rope_type not in _ROPE_TYPES:
-            raise ValueError(f"config field 'rope_type' must be one of {_ROPE_TYPES}, got {self.rope_type!r}")
-        if self.rope_type == "yarn" and not self.rope_factor > 0:
-            raise ValueError(f"config field 'rope_factor' must be positive for yarn, got {self.rope_factor!r}")
+        check_activation("hidden_act", self.hidden_act)
+        self.validate_rope()
         if not self.rope_theta > 0:
             raise ValueError(f"config field 'rope_theta' must be positive, got {self.rope_theta!r}")
         if not (isinstance(self.softmax_scale, (int, float)) and self.softmax_scale > 0):
@@ -157,6 +182,28 @@ class Mistral4Config:
             for i in ids if isinstance(ids, tuple) else (ids,):
                 if not isinstance(i, int) or not 0 <= i < self.vocab_size:
                     raise ValueError(f"config field {name!r} ({ids!r}) is outside the vocabulary [0, {self.vocab_size})")
+
+    def validate_rope(self) -> None:
+        """The rope fields: what transformers' Mistral 4 can run (it ropes exactly qk_rope_head_dim dims)."""
+        t, r = self.rope_type, self.qk_rope_head_dim
+        if t not in _ROPE_TYPES:
+            raise ValueError(f"config field 'rope_type' must be one of {_ROPE_TYPES}, got {t!r}")
+        if t != "default" and not self.rope_factor > 0:
+            raise ValueError(f"config field 'rope_factor' must be positive for rope_type {t!r}, got {self.rope_factor!r}")
+        if t == "dynamic" and r <= 2:
+            raise ValueError(f"config field 'qk_rope_head_dim' must exceed 2 for dynamic rope (exponent R/(R-2)), got {r}")
+        if t == "proportional":
+            if self.qk_nope_head_dim:
+                raise ValueError("config field 'rope_type' is 'proportional', which ropes all qk_nope_head_dim + "
+                                 f"qk_rope_head_dim dims in transformers: it needs qk_nope_head_dim 0, got {self.qk_nope_head_dim}")
+            if self.partial_rotary_factor is not None and not 0 <= self.partial_rotary_factor <= 1:
+                raise ValueError(f"config field 'partial_rotary_factor' must lie in [0, 1], got {self.partial_rotary_factor!r}")
+        if t == "longrope":
+            for name in ("rope_short_factor", "rope_long_factor"):
+                f = getattr(self, name)
+                if not isinstance(f, tuple) or len(f) not in (1, r // 2):
+                    raise ValueError(f"config field {name!r} must be a list of qk_rope_head_dim / 2 = {r // 2} numbers "
+                                     f"for longrope, got {f!r}")
 
     # ----------------------------------------------------------------------------------------- readers
     @classmethod
@@ -175,8 +222,6 @@ class Mistral4Config:
             model_type = d.get("model_type", "mistral4")
         if model_type != "mistral4":
             raise ValueError(f"config field 'model_type' must be 'mistral4' or 'mistral3', got {model_type!r}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config field 'hidden_act' must be 'silu', got {d['hidden_act']!r}")
         if d.get("attention_bias", False):
             raise ValueError("config field 'attention_bias' is true; Mistral 4 has no attention biases")
         heads = d.get("num_attention_heads")
@@ -194,26 +239,9 @@ class Mistral4Config:
                 f"({d['qk_nope_head_dim'] + d['qk_rope_head_dim']})"
             )
 
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
         kwargs: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         kwargs.pop("softmax_scale", None)
-        kwargs.update(
-            rope_type=rope_type,
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-            rope_factor=float(rope.get("factor") or 1.0),
-            original_max_position_embeddings=int(
-                rope.get("original_max_position_embeddings") or d.get("max_position_embeddings", 8192)
-            ),
-            beta_fast=float(rope.get("beta_fast") or 32.0),
-            beta_slow=float(rope.get("beta_slow") or 1.0),
-            mscale=float(rope.get("mscale") or 0.0),
-            mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
-            rope_truncate=bool(rope.get("truncate", True)),
-            llama_4_scaling_beta=rope.get("llama_4_scaling_beta"),
-        )
-        if "attention_factor" in rope and rope["attention_factor"] is not None:
-            raise ValueError("config field 'rope_parameters.attention_factor' is not supported (derived from mscale)")
+        kwargs.update(_rope_fields(d))
         if kwargs.get("n_group") is None:
             kwargs["n_group"] = 1
         if kwargs.get("topk_group") is None:
@@ -267,6 +295,12 @@ class Mistral4Config:
                 "truncate": self.rope_truncate,
             },
         )
+        optional = {"attention_factor": self.rope_attention_factor, "partial_rotary_factor": self.partial_rotary_factor}
+        if self.rope_type == "llama3":
+            optional.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor)
+        if self.rope_type == "longrope":
+            optional.update(short_factor=list(self.rope_short_factor), long_factor=list(self.rope_long_factor))
+        d["rope_parameters"].update({k: v for k, v in optional.items() if v is not None})
         return d
 
     def replace(self, **changes: Any) -> Mistral4Config:
@@ -274,6 +308,45 @@ class Mistral4Config:
         if "softmax_scale" not in changes:
             changes["softmax_scale"] = None
         return dataclasses.replace(self, **changes)
+
+
+def _rope_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """Our rope fields from an HF config dict's `rope_parameters` (or legacy `rope_scaling`), with
+    transformers' defaults; ValueError for what its Mistral 4 cannot run."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    for key in _ROPE_REQUIRED.get(rope_type, ()):
+        if rope.get(key) is None:
+            raise ValueError(f"config field 'rope_parameters.{key}' is missing (rope_type {rope_type!r} needs it)")
+    max_pos = d.get("max_position_embeddings", 8192)
+    original = int(rope.get("original_max_position_embeddings") or max_pos)
+    factor = rope.get("factor")
+    if factor is None and rope_type == "longrope":
+        factor = max_pos / original  # as transformers' longrope
+    r, h = d["qk_rope_head_dim"], d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
+    prf = rope.get("partial_rotary_factor")
+    rotated = int(h * (r / h if prf is None else prf))  # transformers' rope dims for all but default/proportional
+    if rope_type not in ("default", "proportional") and rotated != r:
+        raise ValueError(f"config field 'rope_parameters.partial_rotary_factor' ({prf}) ropes {rotated} of the "
+                         f"{h} head dims; Mistral 4 ropes exactly qk_rope_head_dim ({r})")
+    return dict(
+        rope_type=rope_type,
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        rope_factor=float(factor or 1.0),
+        original_max_position_embeddings=original,
+        beta_fast=float(rope.get("beta_fast") or 32.0),
+        beta_slow=float(rope.get("beta_slow") or 1.0),
+        mscale=float(rope.get("mscale") or 0.0),
+        mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+        rope_truncate=bool(rope.get("truncate", True)),
+        rope_attention_factor=rope.get("attention_factor"),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_short_factor=rope.get("short_factor") if rope_type == "longrope" else None,
+        rope_long_factor=rope.get("long_factor") if rope_type == "longrope" else None,
+        partial_rotary_factor=prf if rope_type == "proportional" else None,
+        llama_4_scaling_beta=rope.get("llama_4_scaling_beta"),
+    )
 
 
 def from_fields(cls: Any, d: dict[str, Any]) -> Any:
@@ -316,6 +389,7 @@ class HFFields:
     qk_rope_head_dim: int
     v_head_dim: int
     rms_norm_eps: float
+    hidden_act: str
     rope_interleave: bool
     max_position_embeddings: int
     tie_word_embeddings: bool

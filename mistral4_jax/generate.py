@@ -150,9 +150,9 @@ class Generator:
         tp, n = bucket(longest), bucket(most_new)
         if max_len is not None and longest + most_new > max_len:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({most_new}) exceeds the cache length {max_len}")
-        if longest + most_new > cfg.max_position_embeddings:
+        if cfg.max_length is not None and longest + most_new > cfg.max_length:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({most_new}) exceeds max_position_embeddings "
-                             f"({cfg.max_position_embeddings})")
+                             f"({cfg.max_length})")
         b = len(prompts)
         ids = np.full((b, tp), cfg.pad_token_id, np.int32)
         mask = np.zeros((b, tp), np.int32)

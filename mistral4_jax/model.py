@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .activations import ACTIVATIONS
 from .config import Mistral4Config, yarn_get_mscale
 
 Array = jax.Array
@@ -28,19 +29,73 @@ _NEG_INF = -1e30
 
 
 # --------------------------------------------------------------------------------------------- rope
-def rope_inv_freq(cfg: Mistral4Config) -> tuple[np.ndarray, float]:
-    """Inverse frequencies [R/2] (float32) and the cos/sin attention factor, as HF computes them.
+def rope_inv_freq(cfg: Mistral4Config, seq_len: Array | None = None) -> tuple[Any, float]:
+    """Inverse frequencies [R/2] (float32; [B, R/2] for "dynamic"/"longrope" given seq_len [B]) and the
+    cos/sin attention factor, as transformers' `ROPE_INIT_FUNCTIONS` compute them over R = qk_rope_head_dim:
 
-    For "yarn", a linear ramp between the correction dims (from beta_fast/beta_slow) blends
-    extrapolated (`1/base_i`) and interpolated (`1/(factor*base_i)`) frequencies.
+    - "default" `theta^(-2i/R)`; "linear" those / factor; "proportional" (qk_nope_head_dim 0) the first
+      `partial_rotary_factor` of them / factor, the rest 0 (not rotated).
+    - "llama3": wavelengths above `original_max / low_freq_factor` divided by factor, below
+      `original_max / high_freq_factor` kept, a smooth blend between.
+    - "yarn": a linear ramp between the correction dims (from beta_fast/beta_slow) blends extrapolated
+      (`1/base_i`) and interpolated (`1/(factor*base_i)`) frequencies.
+    - "dynamic" (NTK) and "longrope" depend on the row's current length `seq_len` (its largest position + 1 in
+      this call, as transformers' `dynamic_rope_update` takes it from the call's position ids): past
+      L0 = max_position_embeddings, dynamic uses `theta * (factor * L / L0 - factor + 1) ^ (R / (R - 2))`;
+      longrope divides by `long_factor` instead of `short_factor` past original_max_position_embeddings.
+      seq_len None gives their short-sequence frequencies.
     """
-    dim = cfg.qk_rope_head_dim
-    base = cfg.rope_theta
-    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    dim, base, factor, kind = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_type
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.float32(base) ** exponent
+    plain = (1.0 / pos_freqs).astype(np.float32)
+    if kind == "default":
+        return plain, 1.0
+    if kind == "linear":
+        return plain / np.float32(factor), 1.0
+    if kind == "proportional":
+        pairs = int((1.0 if cfg.partial_rotary_factor is None else cfg.partial_rotary_factor) * dim // 2)
+        return np.where(np.arange(dim // 2) < pairs, plain, np.float32(0)) / np.float32(factor), 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(cfg, plain), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(cfg, pos_freqs)
+    if kind == "dynamic":
+        if seq_len is None:
+            return plain, 1.0
+        long = cfg.max_position_embeddings
+        length = jnp.maximum(seq_len, long).astype(jnp.float32)
+        theta = base * (factor * length / long - (factor - 1)) ** (dim / (dim - 2))  # [B]
+        grown = 1.0 / theta[:, None] ** jnp.asarray(exponent)
+        return jnp.where((seq_len > long)[:, None], grown, jnp.asarray(plain)), 1.0
+    # longrope
+    orig = cfg.original_max_position_embeddings
+    attn_factor = cfg.rope_attention_factor
+    if attn_factor is None:
+        attn_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    short, long_ = (1.0 / (np.asarray(f, np.float32) * pos_freqs) for f in (cfg.rope_short_factor, cfg.rope_long_factor))
+    if seq_len is None:
+        return short, attn_factor
+    return jnp.where((seq_len > orig)[:, None], jnp.asarray(long_), jnp.asarray(short)), attn_factor
+
+
+def _llama3_inv_freq(cfg: Mistral4Config, inv_freq: np.ndarray) -> np.ndarray:
+    """transformers' `_compute_llama3_parameters` on the plain frequencies [R/2] (float32)."""
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    with np.errstate(divide="ignore", invalid="ignore"):  # high == low: no medium band, the blend is unused
+        smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def _yarn_inv_freq(cfg: Mistral4Config, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
+    """transformers' `_compute_yarn_parameters` from `theta^(2i/R)` [R/2]: (inv_freq, attention factor)."""
+    dim, base, factor = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor
     inv_extra = (1.0 / pos_freqs).astype(np.float32)
-    if cfg.rope_type == "default":
-        return inv_extra, 1.0
-    factor = cfg.rope_factor
     inv_inter = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
 
     def correction_dim(num_rot: float) -> float:
@@ -55,17 +110,22 @@ def rope_inv_freq(cfg: Mistral4Config) -> tuple[np.ndarray, float]:
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
     extra_factor = 1 - ramp
     inv_freq = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
-    if cfg.mscale and cfg.mscale_all_dim:
+    if cfg.rope_attention_factor is not None:
+        attn_factor = cfg.rope_attention_factor
+    elif cfg.mscale and cfg.mscale_all_dim:
         attn_factor = yarn_get_mscale(factor, cfg.mscale) / yarn_get_mscale(factor, cfg.mscale_all_dim)
     else:
         attn_factor = yarn_get_mscale(factor)
     return inv_freq.astype(np.float32), float(attn_factor)
 
 
-def rope_cos_sin(cfg: Mistral4Config, positions: Array) -> tuple[Array, Array]:
-    """cos, sin [B, T, R/2] (float32) for integer positions [B, T]."""
-    inv_freq, attn_factor = rope_inv_freq(cfg)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+def rope_cos_sin(cfg: Mistral4Config, positions: Array, seq_len: Array | None = None) -> tuple[Array, Array]:
+    """cos, sin [B, T, R/2] (float32) for integer positions [B, T]; seq_len [B] as in `rope_inv_freq`."""
+    inv_freq, attn_factor = rope_inv_freq(cfg, seq_len)
+    inv_freq = jnp.asarray(inv_freq)
+    if inv_freq.ndim == 2:  # per row
+        inv_freq = inv_freq[:, None]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
 
 
@@ -131,9 +191,10 @@ EXPERT_CHUNK_ROWS = 64
 
 def routed_experts(
     x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, first_expert: Array | int = 0,
-    scales: tuple[Array, Array, Array] | None = None,
+    scales: tuple[Array, Array, Array] | None = None, act: Any = jax.nn.silu,
 ) -> Array:
-    """Weighted sum of the chosen experts' gated MLPs, exact (no token is dropped, no capacity).
+    """Weighted sum of the chosen experts' gated MLPs `down(act(gate x) * up x)`, exact (no token is dropped,
+    no capacity).
 
     x [T, D]; ids, weights [T, K]; gate, up [E, D, F]; down [E, F, D] -> [T, D] (x's dtype).
     The expert weights may be in their storage dtype (with FP8, `scales` holds the three [E, 1, 1]
@@ -169,7 +230,7 @@ def routed_experts(
         def tier(r: int) -> Any:
             def run(start: Array) -> Array:  # [r, D] rows from `start`, zero-padded to [R, D]
                 xr = jax.lax.dynamic_slice_in_dim(xs, start, r)
-                return jnp.pad((jax.nn.silu(xr @ g) * (xr @ u)) @ d, ((0, rows - r), (0, 0)))
+                return jnp.pad((act(xr @ g) * (xr @ u)) @ d, ((0, rows - r), (0, 0)))
             return run
 
         def chunk(carry: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -257,7 +318,7 @@ class RMSNorm(_Base):
 
 
 class MLP(_Base):
-    """Gated SiLU MLP: down(silu(gate x) * up x); x [..., D] -> [..., D]."""
+    """Gated MLP: down(act(gate x) * up x) with act = `cfg.hidden_act`; x [..., D] -> [..., D]."""
 
     width: int = 0
 
@@ -267,7 +328,7 @@ class MLP(_Base):
         gate = self.weight("gate_proj", ("embed", "mlp"), (d, self.width))
         up = self.weight("up_proj", ("embed", "mlp"), (d, self.width))
         down = self.weight("down_proj", ("mlp", "embed"), (self.width, d))
-        return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+        return (ACTIVATIONS[self.cfg.hidden_act](x @ gate) * (x @ up)) @ down
 
 
 def _attend(scores: Array, scale: Array, mask: Array, dtype: Any) -> Array:
@@ -338,12 +399,13 @@ class MoE(_Base):
         up, us = self.stored("experts_up", ("experts", "embed", "expert_mlp"), (e, d, f))
         down, ds = self.stored("experts_down", ("experts", "expert_mlp", "embed"), (e, f, d))
         scales = None if gs is None else (gs, us, ds)
+        act = ACTIVATIONS[c.hidden_act]
         if self.mesh is not None:
             from .sharding import sharded_routed_experts
 
-            y = sharded_routed_experts(self.mesh, x.reshape(b * t, d), ids, weights, gate, up, down, scales)
+            y = sharded_routed_experts(self.mesh, x.reshape(b * t, d), ids, weights, gate, up, down, scales, act)
         else:
-            y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down, scales=scales)
+            y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down, scales=scales, act=act)
         y = y.reshape(b, t, d)
         y = y + MLP(c, self.dtype, self.param_dtype, self.mesh, width=c.shared_intermediate_size, name="shared_expert")(x)
         return y, ids.reshape(b, t, -1)
@@ -497,7 +559,8 @@ def forward(
         from .sharding import batch_spec
 
         h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(mesh, batch_spec(mesh, h.shape[0], 3)))
-    cos, sin = rope_cos_sin(cfg, positions)
+    seq_len = jnp.max(jnp.where(key_valid, positions, 0), axis=-1) + 1  # [B] (dynamic and longrope rope)
+    cos, sin = rope_cos_sin(cfg, positions, seq_len)
     qscale = llama4_query_scale(cfg, positions)
     t = input_ids.shape[1]
     if cache is not None:

@@ -160,7 +160,8 @@ def batch_spec(mesh: Mesh, batch: int, ndim: int) -> P:
 
 
 def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: jax.Array,
-                           gate: jax.Array, up: jax.Array, down: jax.Array, scales: Any = None) -> jax.Array:
+                           gate: jax.Array, up: jax.Array, down: jax.Array, scales: Any = None,
+                           act: Any = jax.nn.silu) -> jax.Array:
     """Expert-parallel `model.routed_experts` under `shard_map`: x [T, D] -> [T, D].
 
     Each (expert, tensor) shard holds E/expert experts with F/tensor of their hidden units and computes
@@ -185,7 +186,7 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
         # mixing tokens and local weights (e.g. the expert loop and its lax.switch) have one type
         x, ids, weights = (_vary(a, manual) for a in (x, ids, weights))
         first = jax.lax.axis_index(e_ax) * local if e_ax else 0
-        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales)
+        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales, act=act)
         return jax.lax.psum(y, manual)
 
     shard_map = getattr(jax, "shard_map", None)

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .activations import ACTIVATIONS, check_activation
 from .model import apply_rope
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,6 @@ Array = jax.Array
 _NEG_INF = -1e30
 PAD_SEGMENT = 2**30
 """Segment id of padding rows in a packed sequence (larger than any image index, so ids stay sorted)."""
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-}
-"""HF activation names (`ACT2FN`) we implement: "gelu" is the exact (erf) GELU."""
 
 VISION_RULES: dict[str, str | None] = {
     "vision_layers": None,
@@ -152,8 +143,7 @@ class VisionConfig:
             raise ValueError(f"vision head dim hidden_size / num_attention_heads = {self.head_dim} must be a multiple "
                              "of 4 (2-D rope splits it into row and column halves of rotation pairs)")
         for name in ("hidden_act", "projector_hidden_act"):
-            if getattr(self, name) not in ACTIVATIONS:
-                raise ValueError(f"config field {name!r} must be one of {sorted(ACTIVATIONS)}, got {getattr(self, name)!r}")
+            check_activation(name, getattr(self, name))
         if not isinstance(self.vision_feature_layer, int) or isinstance(self.vision_feature_layer, bool):
             raise ValueError(f"config field 'vision_feature_layer' must be an integer, got {self.vision_feature_layer!r}")
         if not 0 <= self.feature_layers <= self.num_hidden_layers:

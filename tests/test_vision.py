@@ -125,7 +125,7 @@ def _cfg_dict() -> dict:
     (lambda d: d["text_config"].pop("hidden_size"), "text_config.hidden_size"),
     (lambda d: d["vision_config"].update(head_dim=8), "vision_config.head_dim"),
     (lambda d: d["vision_config"].update(patch_size=[4, 8]), "vision_config.patch_size"),
-    (lambda d: d["vision_config"].update(hidden_act="tanh"), "hidden_act"),
+    (lambda d: d["vision_config"].update(hidden_act="prelu"), "hidden_act"),
     (lambda d: d.update(vision_feature_layer=[-1, -2]), "vision_feature_layer"),
     (lambda d: d.update(vision_feature_layer=-4), "vision_feature_layer"),
     (lambda d: d.update(model_type="llava"), "model_type"),
