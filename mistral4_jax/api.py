@@ -45,7 +45,10 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass
 class ChatResult:
-    """One chat answer: the reasoning (between [THINK] and [/THINK]) and the content after it."""
+    """One chat answer: the reasoning (between [THINK] and [/THINK]), the content (the text outside the
+    reasoning and the tool calls), the tool calls (OpenAI shape: ``{"id", "type": "function", "function":
+    {"name", "arguments": JSON string}}``), finish_reason ("stop", "length", "tool_calls", or "error" with
+    `error` saying which call text is malformed)."""
 
     reasoning: str
     content: str
@@ -53,6 +56,8 @@ class ChatResult:
     completion_tokens: int
     finish_reason: str
     token_ids: list[int]
+    tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    error: str | None = None
 
 
 def vision_dtype(dtype: Any) -> Any:
@@ -287,49 +292,67 @@ class Mistral4:
 
     def chat(self, messages: Any, reasoning_effort: str | None = None, max_new_tokens: int = 512,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             seed: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None) -> Any:
+             seed: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None, tools: Any = None,
+             tool_choice: Any = "auto", response_format: Any = None) -> Any:
         """Answer one conversation (a list of OpenAI-style messages) or a batch of them.
 
         Messages are encoded exactly as mistral-common does (`reasoning_effort` "none" or "high" for
         models that support it). User messages may hold images as OpenAI-style parts
         (`{"type": "image_url", "image_url": {"url": path | file:// | data URI}}` or `{"type": "image",
         "image": PIL image | bytes | path | uint8 array}`) for a model with a vision tower (see
-        `encode_chat`). Returns a `ChatResult` (reasoning, content, token counts, finish reason) for one
-        conversation, or a list of them for a batch.
+        `encode_chat`). tools: OpenAI-style function definitions (`chat.tools`); the history may hold
+        assistant `tool_calls` and `tool` messages with a `tool_call_id`. tool_choice "auto" lets the model
+        call tools; "none" ends an answer at a `[TOOL_CALLS]` token (until constrained decoding exists,
+        the model cannot be steered to write text instead); "required" or a named function, and a
+        response_format other than text, need constrained decoding: NotImplementedError (after the
+        request is checked). Returns a `ChatResult` (reasoning, content, tool calls, token counts, finish
+        reason) for one conversation, or a list of them for a batch; a malformed call is reported in
+        `ChatResult.error` (finish_reason "error"), never raised.
         """
-        from .tokenizer import split_reasoning
+        from .chat import parse_answer
 
         tok = self.require_tokenizer()
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         if not conversations:
             raise ValueError("messages must be a conversation (list of dicts) or a non-empty list of conversations")
-        encoded = [self.encode_chat(conv, reasoning_effort=reasoning_effort) for conv in conversations]
+        encoded = [self.encode_chat(conv, reasoning_effort=reasoning_effort, tools=tools, tool_choice=tool_choice)
+                   for conv in conversations]
+        if not (isinstance(tool_choice, str) and tool_choice in ("auto", "none")):
+            raise NotImplementedError("tool_choice='required' or a named function needs constrained decoding, which "
+                                      "is not implemented yet: use 'auto' or 'none'")
+        if response_format not in (None, {"type": "text"}):
+            raise NotImplementedError("response_format (JSON object / JSON schema) needs constrained decoding, which is "
+                                      "not implemented yet")
         prompts, images = [e[0] for e in encoded], [e[1] for e in encoded]
         stops = (tok.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
+        if tool_choice == "none" and tools and tok.token_id("[TOOL_CALLS]") is not None:
+            stops += (tok.token_id("[TOOL_CALLS]"),)
         gens = self.generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops,
                              images=images if any(images) else None)
         results = []
         for g in gens:
-            reasoning, content = split_reasoning(g.tokens, tok)
-            results.append(ChatResult(reasoning, content, g.prompt_tokens, len(g.tokens), g.finish_reason, g.tokens))
+            a = parse_answer(tok, g.tokens, g.finish_reason)
+            results.append(ChatResult(a.reasoning, a.content, g.prompt_tokens, len(g.tokens), a.finish_reason, g.tokens,
+                                      a.tool_calls, a.error))
         return results[0] if single else results
 
-    def encode_chat(self, messages: Any, reasoning_effort: str | None = None,
-                    continue_final_message: bool = False) -> tuple[list[int], list[Any]]:
+    def encode_chat(self, messages: Any, reasoning_effort: str | None = None, continue_final_message: bool = False,
+                    tools: Any = None, tool_choice: Any = "auto") -> tuple[list[int], list[Any]]:
         """(prompt ids, preprocessed images in `[IMG]` order) of one conversation, through the tokenizer's
         `encode_chat_with_images` (mistral-common's ids; pixels from `image.ImageProcessor`). ValueError
         for images with a text-only model, or a tokenizer whose image layout does not fit the vision tower."""
-        from .tokenizer import has_image_parts
+        from .chat import has_image_parts
 
         tok = self.require_tokenizer()
         if not has_image_parts(messages):
-            return tok.encode_chat(messages, reasoning_effort=reasoning_effort,
-                                   continue_final_message=continue_final_message), []
+            return tok.encode_chat(messages, reasoning_effort=reasoning_effort, continue_final_message=continue_final_message,
+                                   tools=tools, tool_choice=tool_choice), []
         self.require_vision("image parts in the messages")
         ids, images = tok.encode_chat_with_images(messages, reasoning_effort=reasoning_effort,
                                                   continue_final_message=continue_final_message,
-                                                  image_processor=self.image_processor)
+                                                  image_processor=self.image_processor, tools=tools,
+                                                  tool_choice=tool_choice)
         v = self.vision_config
         proc = tok.image_processor(self.image_processor)
         if proc.merged_patch_size != v.merged_patch_size or proc.image_token_id != v.image_token_index:
@@ -438,7 +461,7 @@ def _load_vision(path: str, converted: bool, dtype: Any) -> tuple[Any, Any]:
 
 def _find_tokenizer(path: str) -> Any:
     """The tokenizer stored in `path`, or None (with a warning if one is there but cannot be read)."""
-    from .tokenizer import Tokenizer
+    from .chat import Tokenizer
 
     if not any(os.path.exists(os.path.join(path, n)) for n in ("tekken.json", "tokenizer.json")):
         return None

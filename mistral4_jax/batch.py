@@ -72,7 +72,7 @@ def parse_line(line: str, number: int, model: Any, defaults: dict[str, Any]) -> 
 
 def run(model: Any, lines: list[str], defaults: dict[str, Any] | None = None, batch_size: int = 8) -> Iterator[dict[str, Any]]:
     """Yield one result dict per non-empty input line, in input order."""
-    from .tokenizer import split_reasoning
+    from .chat import split_reasoning
 
     defaults = dict(defaults or {})
     parsed = [parse_line(line, i + 1, model, defaults) for i, line in enumerate(lines) if line.strip()]

@@ -13,16 +13,22 @@ The weights are random, so the answers are gibberish: the demo shows that every 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import Mistral4Config
+
+log = logging.getLogger(__name__)
 
 DEMO_TEXT = dict(
     vocab_size=131072, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
@@ -80,12 +86,59 @@ def hf_tensor_shapes(cfg: Mistral4Config, vision_cfg: Any | None) -> dict[str, t
     return shapes
 
 
+TEKKEN_SPECIALS = {
+    **dict(enumerate(["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                      "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                      "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"])),
+    32: "[ARGS]", 33: "[CALL_ID]", 34: "[THINK]", 35: "[/THINK]", 36: "[MODEL_SETTINGS]", 37: "[/MODEL_SETTINGS]",
+}
+"""Special-token ranks of Mistral-Small-4's tekken.json (v15) that the chat format uses: ranks 0-19 are
+mistral-common's legacy specials (`Tekkenizer.DEPRECATED_SPECIAL_TOKENS`), 32-37 as in the released file
+(the tekken crate's real-file test: [ARGS] 32 and [CALL_ID] 33 since v11, [THINK] 34, [/THINK] 35,
+[MODEL_SETTINGS] 36, [/MODEL_SETTINGS] 37). Other ranks below 1000 are `<SPECIAL_i>` fillers here."""
+
+
+def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911.json",
+                           reasoning_efforts: Sequence[str] = ("none", "high"), default_effort: str = "none",
+                           image: dict[str, int] | None = None) -> Path:
+    """Write a v15 ``tekken.json`` laid out like Mistral-Small-4's, offline (for the demo and the tests).
+
+    Takes the real 131072-token Tekken vocabulary bundled with mistral-common (``base``, in
+    ``mistral_common/data``; 1000 special ranks, so text ids equal the real file's), declares the special
+    tokens of `TEKKEN_SPECIALS`, sets ``config.version = "v15"`` and adds ``model_settings_builder =
+    {"reasoning_effort": {"values": [...], "default": "none"}}``; drops the base file's image section, and
+    writes ``image`` instead when given (mistral-common's ``ImageConfig`` fields: ``{"image_patch_size": 14,
+    "max_image_size": 1540, "spatial_merge_size": 2}`` for Mistral Small 3.1 / 4). mistral-common loads the
+    result as an ``InstructTokenizerV15``: its chat encoding (model settings, think blocks, tools) is the
+    real one.
+
+    out: a directory (writes ``out/tekken.json``) or a file path. Returns the written path.
+    """
+    src = importlib.resources.files("mistral_common") / "data" / base
+    data = json.loads(src.read_text(encoding="utf-8"))
+    top = max(TEKKEN_SPECIALS) + 1
+    data["special_tokens"] = [{"rank": r, "token_str": TEKKEN_SPECIALS.get(r, f"<SPECIAL_{r}>"), "is_control": True}
+                              for r in range(top)]
+    data["config"]["version"] = "v15"
+    data.pop("image", None)
+    data.pop("multimodal", None)
+    if image is not None:
+        data["image"] = {k: int(image[k]) for k in ("image_patch_size", "max_image_size", "spatial_merge_size")}
+    data["model_settings_builder"] = {"reasoning_effort": {"values": list(reasoning_efforts), "default": default_effort}}
+    path = Path(out)
+    if path.is_dir() or path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "tekken.json"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    log.info("wrote synthetic v15 tekken file %s (from %s)", path, base)
+    return path
+
+
 def write_hf_checkpoint(directory: str, seed: int = 0, with_vision: bool = True) -> dict[str, Any]:
     """Write the demo checkpoint (config.json, model.safetensors in bf16, tekken.json); returns the config."""
     import ml_dtypes
     from safetensors.numpy import save_file
-
-    from .tokenizer import write_synthetic_tekken
 
     os.makedirs(directory, exist_ok=True)
     text = Mistral4Config().replace(**DEMO_TEXT)

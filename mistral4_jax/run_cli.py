@@ -156,7 +156,7 @@ def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Na
     """Stream one answer to stdout; returns the answer's content."""
     from mistral4_jax.generate import Request
     from mistral4_jax.sampling import SamplingParams
-    from mistral4_jax.tokenizer import split_reasoning
+    from mistral4_jax.chat import split_reasoning
 
     tok = model.require_tokenizer()
     prompt, images = model.encode_chat(messages, reasoning_effort=args.reasoning_effort)  # images: --image files

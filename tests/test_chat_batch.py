@@ -10,7 +10,8 @@ import pytest
 
 from mistral4_jax import Mistral4, batch
 from mistral4_jax import model as M
-from mistral4_jax.tokenizer import Tokenizer, write_synthetic_tekken
+from mistral4_jax.chat import Tokenizer
+from mistral4_jax.demo import write_synthetic_tekken
 from helpers import TINY
 
 CFG = TINY.replace(vocab_size=131072)

@@ -1,5 +1,5 @@
-"""Tokenizer: chat ids equal mistral-common's (Tekken and tokenizers backends), round trips, reasoning split,
-incremental decoding, the tokenizer.json fallback. Everything offline: files are built locally."""
+"""Tokenizer: chat ids equal mistral-common's, round trips, reasoning split, incremental decoding, the
+text-only tokenizer.json backend. Everything offline: files are built locally."""
 
 from __future__ import annotations
 
@@ -8,19 +8,13 @@ import os
 import shutil
 from pathlib import Path
 
+import mistral_common
 import pytest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral4_jax import tokenizer as T
-from mistral4_jax.tokenizer import IncrementalDecoder, Tokenizer, split_reasoning, write_synthetic_tekken
-
-try:  # optional: the tokenizers-only tests below run without it
-    import mistral_common
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-except ImportError:  # pragma: no cover
-    mistral_common = None
-
-needs_mc = pytest.mark.skipif(mistral_common is None, reason="mistral-common is not installed")
+from mistral4_jax.chat import IncrementalDecoder, Tokenizer, split_reasoning
+from mistral4_jax.demo import write_synthetic_tekken
 
 MULTIBYTE = "Grüße, naïve café 😀👍🏽 日本語のテキスト — ∑x² ≠ ∞; Ελληνικά; emoji family 👨‍👩‍👧 end"
 
@@ -39,19 +33,23 @@ REQUESTS = {
                    {"role": "user", "content": [{"type": "text", "text": "Bonjour"},
                                                 {"type": "text", "text": " tout le monde"}]}],
     "consecutive_users": [{"role": "user", "content": "first"}, {"role": "user", "content": "second"}],
+    # the old hand-written layout encoded this one differently from mistral-common
+    "consecutive_assistants_thinking": [
+        {"role": "user", "content": "Think twice."},
+        {"role": "assistant", "content": "first", "reasoning": "one"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "two"}, {"type": "text", "text": "second"}]},
+        {"role": "user", "content": "Go on."}],
     "unicode": [{"role": "user", "content": MULTIBYTE}],
 }
 EFFORTS = [None, "none", "high"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# fixtures: a v15 tekken.json, its tokenizer.json conversions, a tiny trained tokenizer
+# fixtures: a v15 tekken.json, its tokenizer.json conversion, a tiny trained tokenizer
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tekken_dir(tmp_path_factory) -> Path:
-    if mistral_common is None:
-        pytest.skip("mistral-common is not installed")
     d = tmp_path_factory.mktemp("tekken")
     write_synthetic_tekken(d)
     return d
@@ -77,35 +75,21 @@ def reference_ids(reference: "MistralTokenizer", messages, effort, continue_fina
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(tekken_dir, tmp_path_factory) -> dict[str, Path]:
-    """tokenizer.json converted from the tekken file (transformers' converter), in three layouts:
-    with chat_template.jinja, with the template inside tokenizer_config.json, and without any template."""
+def hf_dir(tekken_dir, tmp_path_factory) -> Path:
+    """tokenizer.json converted from the tekken file (transformers' converter), with a tokenizer_config.json."""
     conv = pytest.importorskip("transformers.integrations.mistral.tokenizer")
-    from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
-
-    root = tmp_path_factory.mktemp("hf")
-    tok_json = root / "tokenizer.json"
-    conv.MistralConverter(str(tekken_dir / "tekken.json")).converted().save(str(tok_json))
-    template = convert_tokenizer_to_chat_template(tekken_dir / "tekken.json")
-    dirs = {}
-    for name in ("jinja", "config", "manual"):
-        d = root / name
-        d.mkdir()
-        os.symlink(tok_json, d / "tokenizer.json")
-        dirs[name] = d
-    (dirs["jinja"] / "chat_template.jinja").write_text(template, encoding="utf-8")
-    (dirs["config"] / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>", "chat_template": template}))
-    return dirs
+    d = tmp_path_factory.mktemp("hf")
+    conv.MistralConverter(str(tekken_dir / "tekken.json")).converted().save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"}))
+    return d
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizers(hf_dirs) -> dict[str, Tokenizer]:
-    out = {name: Tokenizer.from_dir(d) for name, d in hf_dirs.items()}
-    for tok in out.values():
-        assert tok.backend == "tokenizers"
-    assert out["manual"].chat_template is None and out["jinja"].chat_template and out["config"].chat_template
-    return out
+def hf_tok(hf_dir) -> Tokenizer:
+    tok = Tokenizer.from_dir(hf_dir)
+    assert tok.backend == "tokenizers" and tok.mistral is None
+    return tok
 
 
 TINY_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<pad>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
@@ -152,47 +136,36 @@ def test_tekken_chat_layout_is_the_documented_one(tekken):
     assert tekken.think_ids == (34, 35)
 
 
-def test_continue_final_message(tekken, reference, hf_tokenizers):
+def test_continue_final_message(tekken, reference):
     messages = REQUESTS["user"] + [{"role": "assistant", "content": "I am"}]
     want = reference_ids(reference, messages, None, continue_final_message=True)
     assert want[-1] != tekken.eos_id
     assert tekken.encode_chat(messages, continue_final_message=True) == want
-    for tok in hf_tokenizers.values():
-        assert tok.encode_chat(messages, continue_final_message=True) == want
-
-
-@pytest.mark.parametrize("layout", ["jinja", "config", "manual"])
-def test_tokenizers_fallback_chat_equals_mistral_common(hf_tokenizers, reference, layout):
-    tok = hf_tokenizers[layout]
-    assert tok.reasoning_efforts == ("none", "high")
-    for name, messages in REQUESTS.items():
-        for effort in EFFORTS:
-            assert tok.encode_chat(messages, reasoning_effort=effort) == reference_ids(reference, messages, effort), \
-                (layout, name, effort)
 
 
 @pytest.mark.parametrize("effort", ["low", "medium", "extreme", "HIGH", "", 1])
-def test_unknown_reasoning_effort_raises(tekken, hf_tokenizers, effort):
-    for tok in [tekken, *hf_tokenizers.values()]:
-        with pytest.raises(ValueError, match="reasoning_effort"):
-            tok.encode_chat(REQUESTS["user"], reasoning_effort=effort)
+def test_unknown_reasoning_effort_raises(tekken, effort):
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        tekken.encode_chat(REQUESTS["user"], reasoning_effort=effort)
 
 
-def test_bad_messages_raise(tekken, hf_tokenizers):
+def test_bad_messages_raise(tekken):
     image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                           {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
-    for tok in [tekken, *hf_tokenizers.values()]:
-        with pytest.raises(ValueError, match="image"):
-            tok.encode_chat(image)
-        with pytest.raises(ValueError):
-            tok.encode_chat([])
-        with pytest.raises(ValueError):
-            tok.encode_chat([{"content": "no role"}])
-        with pytest.raises(ValueError):  # ends with an assistant message, not a prefix
-            tok.encode_chat(REQUESTS["user"] + [{"role": "assistant", "content": "x"}])
+    with pytest.raises(ValueError, match="image"):
+        tekken.encode_chat(image)
+    with pytest.raises(ValueError, match="non-empty list"):
+        tekken.encode_chat([])
+    with pytest.raises(ValueError, match=r"messages\[0\].*role"):
+        tekken.encode_chat([{"content": "no role"}])
+    with pytest.raises(ValueError, match=r"messages\[1\]: unknown role 'robot'"):
+        tekken.encode_chat([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].content must be"):
+        tekken.encode_chat([{"role": "user", "content": 3}])
+    with pytest.raises(ValueError, match="invalid chat request"):  # ends with an assistant message, not a prefix
+        tekken.encode_chat(REQUESTS["user"] + [{"role": "assistant", "content": "x"}])
 
 
-@needs_mc
 def test_old_bundled_tekken_without_model_settings(tmp_path):
     """mistral-common's bundled tekken_240911.json (v3): no [THINK]/[MODEL_SETTINGS]; 'none' is a no-op."""
     src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
@@ -210,11 +183,11 @@ def test_old_bundled_tekken_without_model_settings(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# text round trips and properties
+# text round trips and properties; the text-only tokenizer.json backend
 # ----------------------------------------------------------------------------------------------------
 
-def test_round_trip_and_backends_agree(tekken, hf_tokenizers):
-    hf = hf_tokenizers["manual"]
+def test_round_trip_and_backends_agree(tekken, hf_tok):
+    hf = hf_tok
     for text in ["Hello world", MULTIBYTE, "  leading spaces\nand\ttabs  ", "code: def f(x): return x**2", ""]:
         ids = tekken.encode(text)
         assert tekken.decode(ids) == text
@@ -226,6 +199,7 @@ def test_round_trip_and_backends_agree(tekken, hf_tokenizers):
     for tok in (tekken, hf):
         assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (131072, 1, 2, 11)
         assert tok.token_id("[THINK]") == 34 and tok.token_id("[nope]") is None
+        assert tok.think_ids == (34, 35)
         assert tok.decode([1, 3, *ids, 4, 2]) == "a [INST] b [THINK]"
         assert tok.decode([1, 3, *ids, 4, 2], skip_special=False) == "<s>[INST]a [INST] b [THINK][/INST]</s>"
         with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -234,61 +208,45 @@ def test_round_trip_and_backends_agree(tekken, hf_tokenizers):
             tok.decode([-1])
 
 
-def test_tiny_tokenizers_fallback(tiny_dir):
-    """A tokenizer.json-only directory (no mistral-common involved): config names for bos/eos, no pad,
-    manual chat layout, round trips."""
+def test_tokenizer_json_backend_is_text_only(hf_tok, tiny_dir):
+    """mistral-common reads tekken.json (or SentencePiece) only, and a tokenizer.json does not record the
+    tokenizer version or model settings: chat encoding asks for tekken.json."""
+    for tok in (hf_tok, Tokenizer.from_dir(tiny_dir)):
+        assert tok.reasoning_efforts == ("none",)
+        for call in (lambda: tok.encode_chat(REQUESTS["user"]), lambda: tok.encode_chat_with_images(REQUESTS["user"]),
+                     lambda: tok.image_processor()):
+            with pytest.raises(ValueError, match="tekken.json"):
+                call()
+
+
+def test_tiny_tokenizer_json(tiny_dir):
+    """A tokenizer.json-only directory (a small BPE trained here): bos/eos under config names, pad, round
+    trips, the reasoning split on its own [THINK] ids."""
     tok = Tokenizer.from_dir(tiny_dir)
-    assert tok.backend == "tokenizers" and tok.chat_template is None
+    assert tok.backend == "tokenizers"
     bos, eos = tok.token_id("<BOS>"), tok.token_id("<EOS>")
     assert (tok.bos_id, tok.eos_id) == (bos, eos)
     assert tok.pad_id == tok.token_id("<pad>")
-    assert tok.reasoning_efforts == ("none",)  # no [MODEL_SETTINGS] token
     for text in ["the quick brown fox", MULTIBYTE, "unseen wörds ✓"]:
         assert tok.decode(tok.encode(text)) == text
-    msgs = REQUESTS["multi_turn"]
-    ids = tok.encode_chat(msgs)
-    sp = {name: tok.token_id(name) for name in TINY_SPECIALS}
-    assert ids == [bos, sp["[SYSTEM_PROMPT]"], *tok.encode("Be brief."), sp["[/SYSTEM_PROMPT]"],
-                   sp["[INST]"], *tok.encode("Hi"), sp["[/INST]"], *tok.encode("Hello! How can I help?"), eos,
-                   sp["[INST]"], *tok.encode("What is 2+2?"), sp["[/INST]"]]
-    with pytest.raises(ValueError, match="reasoning_effort"):
-        tok.encode_chat(msgs, reasoning_effort="high")
-    with pytest.raises(ValueError, match="role"):
-        tok.encode_chat([{"role": "tool", "content": "x"}, {"role": "user", "content": "y"}])
-    # reasoning history and split on this vocabulary too
-    hist = tok.encode_chat(REQUESTS["reasoning_history"])
+        assert tok.encode(text, bos=True) == [bos] + tok.encode(text)
     b, e = tok.think_ids
-    assert hist.count(b) == hist.count(e) == 1
     assert tok.split_reasoning([b, *tok.encode("hmm 😀"), e, *tok.encode("fine"), eos]) == ("hmm 😀", "fine")
 
 
-def test_without_mistral_common(tmp_path, tiny_dir, monkeypatch):
-    """mistral-common missing at runtime: tekken.json is skipped for tokenizer.json, or a clear ImportError."""
-    monkeypatch.setattr(T, "_have_mistral_common", lambda: False)
+def test_backend_choice(tekken_dir, hf_dir, tmp_path):
     d = tmp_path / "both"
-    shutil.copytree(tiny_dir, d)
-    (d / "tekken.json").write_text("{}")
-    assert Tokenizer.from_dir(d).backend == "tokenizers"
-    only = tmp_path / "only"
-    only.mkdir()
-    (only / "tekken.json").write_text("{}")
-    with pytest.raises(ImportError, match="mistral-common"):
-        Tokenizer.from_dir(only)
+    d.mkdir()
+    os.symlink(tekken_dir / "tekken.json", d / "tekken.json")
+    os.symlink(hf_dir / "tokenizer.json", d / "tokenizer.json")
+    assert Tokenizer.from_dir(d).backend == "tekken"
+    assert Tokenizer.from_dir(d, backend="tokenizers").backend == "tokenizers"
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.from_dir(hf_dir, backend="tekken")
     with pytest.raises(FileNotFoundError):
         Tokenizer.from_dir(tmp_path / "missing")
     with pytest.raises(ValueError, match="backend"):
         Tokenizer.from_dir(d, backend="sentencepiece")
-
-
-def test_backend_choice(tekken_dir, hf_dirs, tmp_path):
-    d = tmp_path / "both"
-    d.mkdir()
-    os.symlink(tekken_dir / "tekken.json", d / "tekken.json")
-    os.symlink(hf_dirs["manual"] / "tokenizer.json", d / "tokenizer.json")
-    assert Tokenizer.from_dir(d).backend == "tekken"
-    assert Tokenizer.from_dir(d, backend="tokenizers").backend == "tokenizers"
-    with pytest.raises(FileNotFoundError):
-        Tokenizer.from_dir(hf_dirs["manual"], backend="tekken")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,8 +267,8 @@ def test_split_reasoning_text(text, want):
     assert split_reasoning(text) == want
 
 
-def test_split_reasoning_ids(tekken, hf_tokenizers):
-    for tok in (tekken, hf_tokenizers["manual"]):
+def test_split_reasoning_ids(tekken, hf_tok):
+    for tok in (tekken, hf_tok):
         b, e = tok.think_ids
         r, c = tok.encode("I should add 2 and 2 😀"), tok.encode("It is 4 ✓.")
         assert tok.split_reasoning([b, *r, e, *c, tok.eos_id]) == ("I should add 2 and 2 😀", "It is 4 ✓.")
@@ -354,8 +312,8 @@ def test_incremental_decoding_tiny_bpe(tiny_dir):
     _check_incremental(Tokenizer.from_dir(tiny_dir))
 
 
-def test_incremental_decoding_equals_full_decoding(tekken, hf_tokenizers):
-    for tok in (tekken, hf_tokenizers["manual"]):
+def test_incremental_decoding_equals_full_decoding(tekken, hf_tok):
+    for tok in (tekken, hf_tok):
         _check_incremental(tok)
     # with special tokens in the stream (reasoning block), both policies
     ids = [tekken.bos_id, *tekken.think_ids[:1], *tekken.encode("pensons 🤔"), tekken.think_ids[1],
@@ -366,7 +324,7 @@ def test_incremental_decoding_equals_full_decoding(tekken, hf_tokenizers):
     # a genuinely invalid byte (lone continuation byte 0x80 = id 1000 + 0x80): emitted as U+FFFD once
     # later text completes, or at flush() when it is last
     lone = 1000 + 0x80
-    for tok in (tekken, hf_tokenizers["manual"]):
+    for tok in (tekken, hf_tok):
         ids = tok.encode("x") + [lone] + tok.encode("abc 日本") + [lone]
         full, pieces = _stream(tok, ids, 1)
         assert full == tok.decode(ids) == "x\ufffdabc 日本\ufffd" and pieces[-1] == "\ufffd"

@@ -27,7 +27,8 @@ from PIL import Image
 import mistral4_jax
 from mistral4_jax import batch, checkpoint, cli
 from mistral4_jax.convert import convert
-from mistral4_jax.tokenizer import Tokenizer, write_synthetic_tekken
+from mistral4_jax.chat import Tokenizer
+from mistral4_jax.demo import write_synthetic_tekken
 from helpers import TINY, assert_logits_close
 
 CFG = TINY.replace(vocab_size=131072)
