@@ -60,7 +60,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _Sigint:
-    """SIGINT handling of one conversion (main thread only; elsewhere SIGINT is left alone).
+    """SIGINT handling of one conversion (main thread only; elsewhere, or where SIGINT is ignored, it is left
+    alone).
 
     While source tensors are read (`reading()`, and before anything is written) SIGINT raises `Interrupted`
     at once. While files are written (journal, Orbax saves and finalize, which run in threads, the final
@@ -76,7 +77,7 @@ class _Sigint:
         self._previous: Any = None
 
     def __enter__(self) -> _Sigint:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

@@ -2,7 +2,8 @@
 
     DST/
       manifest.json     format and converter version, source (path, format, sha256 of its index and
-                        safetensors headers), dtype, tensor and parameter counts, copied files
+                        safetensors headers), dtype, float_weights (FP8: see below), tensor and
+                        parameter counts, copied files
       config.json       our `Mistral4Config` (`to_dict()`)
       params/           one Orbax (v1) PyTree checkpoint, uncompressed:
                           embed, final_norm/scale, lm_head            as in the model's parameter tree
