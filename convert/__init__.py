@@ -1,6 +1,6 @@
 """The converter: HF / Mistral safetensors checkpoints (bf16, float32, FP8) to our Orbax checkpoint.
 
-    mistral4-jax convert SRC DST [--dtype bfloat16|float32|float8_e4m3fn] [--text-only] [--overwrite] [--resume]
+    mistral4-jax convert SRC DST [--dtype bfloat16|float16|float32|float8_e4m3fn] [--text-only] [--overwrite] [--resume]
     python -m mistral4_jax.convert SRC DST ...
     mistral4_jax.convert.convert(src, dst, dtype="bfloat16")
 
@@ -8,7 +8,7 @@ Installed as `mistral4_jax.convert` (the `convert/` folder is mapped there by py
 layout is documented in `mistral4_jax.checkpoint`, the reading in `source` and `lazy`, the writing in `run`.
 """
 
-from .run import OUTPUT_DTYPES, convert
+from .run import OUTPUT_DTYPES, Interrupted, convert
 from .source import Source, open_source
 
-__all__ = ["OUTPUT_DTYPES", "Source", "convert", "open_source"]
+__all__ = ["OUTPUT_DTYPES", "Interrupted", "Source", "convert", "open_source"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-OUTPUT_DTYPES = ("bfloat16", "float32", "float8_e4m3fn")
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "Mistral: params.json + consolidated*.safetensors)")
     parser.add_argument("dst", help="output directory (written atomically: a temporary sibling renamed when complete)")
     parser.add_argument("--dtype", default="bfloat16", choices=OUTPUT_DTYPES,
-                        help="storage dtype of the output (default bfloat16); float8_e4m3fn keeps FP8 weights with "
-                             "per-tensor / per-expert scales")
+                        help="storage dtype of the output (default bfloat16); float8_e4m3fn keeps FP8 weights bit "
+                             "for bit with their per-tensor / per-expert scales")
     parser.add_argument("--text-only", action="store_true",
                         help="convert only the text model (vision tensors of a multimodal checkpoint are skipped)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is complete)")

@@ -4,11 +4,18 @@ piece (the globals, then one layer) at a time through `checkpoint.CheckpointWrit
 Peak memory is one layer in the output dtype plus one piece of source data (one expert, or a block of
 rows) and its float32 dequantisation: arrays are filled piece by piece in place.
 
-Output dtypes: "bfloat16" and "float32" hold exact values (float sources cast, FP8 sources dequantised as
-`float32(w) * scale`, then rounded to the output dtype). "float8_e4m3fn" is the model's FP8 storage:
-FP8 sources with per-tensor or per-expert scales are kept bit for bit with their scales (k_b_proj and
-v_b_proj share kv_b_proj's scale); float sources are quantised with a scale `amax / 448` per tensor
-(per expert for the routed experts); block-scaled FP8 sources are refused (convert those to bfloat16).
+Output dtypes: "bfloat16", "float16" and "float32" hold exact values (float sources cast, FP8 sources
+dequantised as `float32(w) * scale`, then rounded to the output dtype; a value beyond float16's range is
+an error). "float8_e4m3fn" is the model's FP8 storage (`fp8_float_weights` decides it per weight):
+- every FP8 source tensor (per-tensor or per-expert scale) is kept bit for bit with its scale, however
+  our layout transposes, reshapes or splits it (k_b_proj and v_b_proj share kv_b_proj's scale);
+- a weight of `model.FP8_WEIGHTS` whose source is bf16/float in an FP8 checkpoint (the released checkpoint
+  keeps `kv_a_proj_with_mqa` in bf16) is stored in bfloat16 as it is, not re-quantised; the manifest
+  lists it in `float_weights`;
+- a source without any FP8 weight is quantised: scale `amax / 448` per tensor (per expert for the routed
+  experts);
+- refused, naming the tensor: block-scaled or e5m2 FP8 sources, FP8 sources of weights the model keeps in
+  bfloat16 (norms, router, embedding, lm_head), and one weight FP8 in some layers or experts but not others.
 
 Vision (a multimodal source, unless `text_only`): the Pixtral tower and projector, from HF or native names
 (`vision.read_vision_params`), are one more piece ("vision", written right after the globals so that a
@@ -19,9 +26,12 @@ it is laid out), unlike the text layers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -35,7 +45,7 @@ from mistral4_jax import hf
 from mistral4_jax import model as M
 
 from .cli import OUTPUT_DTYPES
-from .lazy import Lazy, LazyReader
+from .lazy import Lazy, LazyReader, SourceTensor
 from .source import Source, open_source
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,65 @@ log = logging.getLogger(__name__)
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 KILL_AFTER_ENV = "MISTRAL4_JAX_CONVERT_KILL_AFTER"
 """Testing hook: SIGKILL this process right after the N-th piece is written (before the journal records it)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) during `convert`; the message says what was kept (a temporary directory to --resume)."""
+
+
+class _Sigint:
+    """SIGINT handling of one conversion (main thread only; elsewhere, or where SIGINT is ignored, it is left
+    alone).
+
+    While source tensors are read (`reading()`, and before anything is written) SIGINT raises `Interrupted`
+    at once. While files are written (journal, Orbax saves and finalize, which run in threads, the final
+    rename) it is only recorded, and `check()` raises once the write is complete: whatever the moment,
+    the temporary directory stays consistent for `--resume`, and no exception ever runs through Orbax.
+    """
+
+    def __init__(self, tmp: str, dst: str) -> None:
+        self.tmp, self.dst = tmp, dst
+        self.pending = False
+        self.immediate = True
+        self.completed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Sigint:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pending = True
+        if self.immediate:
+            self.check()
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        if self.completed:
+            raise Interrupted(f"the conversion had completed: {self.dst} is complete")
+        if os.path.isdir(self.tmp):
+            raise Interrupted(f"partial conversion kept in {self.tmp}; rerun with --resume to finish it")
+        raise Interrupted("nothing was written")
+
+    def writing(self) -> None:
+        """From now on SIGINT waits for the write in progress (see `reading`)."""
+        self.immediate = False
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A stretch that only reads: SIGINT raises at once."""
+        self.check()
+        self.immediate = True
+        try:
+            yield
+        finally:
+            self.immediate = False
 
 
 def plan(source: Source) -> dict[str, Any]:
@@ -56,6 +125,44 @@ def plan(source: Source) -> dict[str, Any]:
             out[f"{group}/{j}"] = hf.read_layer(r, i, cfg)
     hf.check_unexpected(r, cfg)
     return out
+
+
+def fp8_float_weights(lazy: dict[str, Any]) -> tuple[str, ...]:
+    """The `float_weights` of an FP8 conversion of the planned source `lazy` ({piece: lazy tree}): the
+    `model.FP8_WEIGHTS` paths ("layers_moe/attn/kv_a_proj") whose sources are all bf16/float while other
+    weights of the source are FP8 (stored in bfloat16, not re-quantised). A source without any FP8 weight
+    gives () (all of them are quantised). ValueError for a weight FP8 in some layers or experts but not in
+    others, and for an FP8 source of a weight the model stores in bfloat16."""
+    sources: dict[str, list[SourceTensor]] = {}
+    for piece, tree in lazy.items():
+        group = piece.split("/")[0]
+        for path, leaf in _flat(tree):
+            if path.rsplit("/", 1)[-1] in M.FP8_WEIGHTS:
+                sources.setdefault(f"{group}/{path}", []).extend(leaf.sources)
+            elif fp8 := [t for t in leaf.sources if t.is_fp8]:
+                raise ValueError(f"tensor {fp8[0].name!r} is FP8, but the model stores {piece}/{path} in bfloat16, "
+                                 "so it cannot be kept bit for bit: convert with --dtype float32 or bfloat16")
+    floats = []
+    for path, ts in sources.items():
+        fp8, other = [t for t in ts if t.is_fp8], [t for t in ts if not t.is_fp8]
+        if fp8 and other:
+            raise ValueError(f"tensor {fp8[0].name!r} is FP8 but {other[0].name!r} is {other[0].dtype.name}: {path} "
+                             "cannot be stored as one FP8 array; convert with --dtype bfloat16 or float32")
+        if other:
+            floats.append(path)
+    if len(floats) == len(sources):
+        log.info("the source has no FP8 weights: quantising them to FP8 (scale amax/448 per tensor or expert)")
+        return ()
+    return tuple(sorted(floats))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Lazy]]:
+    """(path, lazy leaf) of a planned tree."""
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{name}/")
+        else:
+            yield prefix + name, value
 
 
 def _check(lazy: Any, target: dict[str, Any], where: str) -> None:
@@ -80,10 +187,17 @@ def _check(lazy: Any, target: dict[str, Any], where: str) -> None:
 
 
 def to_float(leaf: Lazy, dtype: np.dtype) -> np.ndarray:
-    """The array, filled piece by piece (cast to `dtype` on assignment; bfloat16 rounds to nearest even)."""
+    """The array, filled piece by piece (cast to `dtype` on assignment, rounding to nearest even);
+    ValueError for a finite value that overflows `dtype` (float16)."""
     out = np.empty(leaf.shape, dtype)
     for piece in leaf.pieces():
-        out[piece.index] = piece.values()
+        values = piece.values()
+        with np.errstate(over="ignore"):  # overflow is reported below, naming the tensor
+            out[piece.index] = values
+        if np.isinf(out[piece.index]).any() and np.isfinite(values).all():
+            raise ValueError(f"tensor {piece.tensor.name!r} has values beyond the range of {dtype.name} "
+                             f"(max |x| = {float(np.abs(values.astype(np.float32)).max()):.4g}): convert with "
+                             "--dtype bfloat16 or float32")
     return out
 
 
@@ -160,11 +274,19 @@ def convert(
 ) -> str:
     """Convert the HF or Mistral checkpoint `src` into our Orbax checkpoint `dst` (see `mistral4_jax.checkpoint`).
 
-    Raises ValueError / FileNotFoundError / FileExistsError with a one-line message naming the file or tensor.
-    Returns the path of the written checkpoint.
+    Raises ValueError / FileNotFoundError / FileExistsError with a one-line message naming the file or tensor,
+    and `Interrupted` (a KeyboardInterrupt saying what was kept) on SIGINT; an interrupted conversion
+    continues with `resume=True`. Returns the path of the written checkpoint.
     """
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    dst = os.path.abspath(os.fspath(dst))
+    with _Sigint(ckpt.temporary_path(dst), dst) as sigint:
+        return _convert(src, dst, dtype, text_only, overwrite, resume, progress, sigint)
+
+
+def _convert(src: str | os.PathLike, dst: str, dtype: str, text_only: bool, overwrite: bool, resume: bool,
+             progress: bool, sigint: _Sigint) -> str:
     source = open_source(src)
     cfg = source.config
     vision = source.vision_tensors()
@@ -172,7 +294,8 @@ def convert(
     if vision and text_only:
         log.info("%s: skipping %d vision tensors (--text-only)", source.path, len(vision))
     lazy = plan(source)
-    abstract = M.abstract_params(cfg, jnp.dtype(dtype))
+    floats = fp8_float_weights(lazy) if M.is_fp8(dtype) else ()
+    abstract = M.abstract_params(cfg, jnp.dtype(dtype), floats)
     targets = {p: ckpt.piece_abstract(cfg, jnp.dtype(dtype), p, abstract, vcfg) for p in ckpt.pieces(cfg, vcfg)}
     for piece, target in targets.items():
         if piece != ckpt.VISION:
@@ -182,16 +305,18 @@ def convert(
 
     identity = {"source_sha256": source.sha256, "dtype": dtype, "text_only": text_only,
                 "converter_version": mistral4_jax.__version__, "format_version": ckpt.FORMAT_VERSION}
+    sigint.writing()
     writer = ckpt.CheckpointWriter(dst, identity, overwrite=overwrite, resume=resume)
-    _write_pieces(writer, lazy, targets, progress)
+    _write_pieces(writer, lazy, targets, progress, sigint)
 
     def manifest(tmp: str) -> dict[str, Any]:
-        tensors, parameters = ckpt.verify(tmp, cfg, dtype, vcfg)
+        tensors, parameters = ckpt.verify(tmp, cfg, dtype, vcfg, floats)
         out = {
             "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "converter_version": mistral4_jax.__version__,
             "source": {"path": source.path, "format": source.format, "sha256": source.sha256,
                        "tensors": len(source.index.names()), "vision_tensors_skipped": 0 if vcfg else len(vision)},
-            "dtype": dtype, "text_only": text_only, "tensors": tensors, "parameters": parameters,
+            "dtype": dtype, "float_weights": list(floats), "text_only": text_only, "tensors": tensors,
+            "parameters": parameters,
             "layers": {group: n for group, n, _ in M.layer_groups(cfg)},
             "files": sorted(source.files),
         }
@@ -204,7 +329,12 @@ def convert(
     json_files: dict[str, Any] = {ckpt.CONFIG: cfg.to_dict()}
     if vcfg is not None:
         json_files[ckpt.VISION_CONFIG] = vcfg.to_dict()
-    return writer.finish(source.files, json_files, manifest)
+    writer.finalize()
+    sigint.check()
+    out = writer.finish(source.files, json_files, manifest)
+    sigint.completed = True
+    sigint.check()
+    return out
 
 
 def vision_config(source: Source) -> Any:
@@ -240,7 +370,8 @@ def read_vision(source: Source, vcfg: Any, target: dict[str, Any]) -> dict[str, 
     return vision.read_vision_params(get, source.index.names(), vcfg, dt)
 
 
-def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: dict[str, Any], progress: bool) -> None:
+def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: dict[str, Any], progress: bool,
+                  sigint: _Sigint) -> None:
     from tqdm import tqdm
 
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
@@ -258,10 +389,12 @@ def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: 
               desc="converting", disable=not progress, dynamic_ncols=True) as bar:
         for piece, target in targets.items():
             if not writer.done(piece):
-                tree = lazy[piece](target) if callable(lazy[piece]) else materialize(lazy[piece], target)
+                with sigint.reading():
+                    tree = lazy[piece](target) if callable(lazy[piece]) else materialize(lazy[piece], target)
                 writer.save(piece, tree, after_save)
                 del tree  # not held while the next piece is read
                 log.debug("wrote %s", piece)
+                sigint.check()
             done_tensors += len(jax.tree_util.tree_leaves(target))
             bar.set_postfix_str(f"{done_tensors}/{total_tensors} tensors", refresh=False)
             bar.update(_nbytes(target))

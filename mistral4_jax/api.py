@@ -97,7 +97,8 @@ class Mistral4:
         if mesh is not None:
             from .sharding import param_shardings
 
-            params = jax.device_put(params, param_shardings(config, mesh, self.dtype))
+            floats = M.stored_float_weights(params)
+            params = jax.device_put(params, param_shardings(config, mesh, self.dtype, float_weights=floats))
         self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
         self.mesh = mesh
@@ -407,7 +408,8 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     if shardings is None and mesh is not None:
         from .sharding import param_shardings
 
-        shardings = param_shardings(config, mesh, jdtype)
+        floats = checkpoint.read_manifest(path).get("float_weights", []) if converted else []
+        shardings = param_shardings(config, mesh, jdtype, float_weights=floats)
     if converted:
         config, params = checkpoint.restore_params(path, jdtype, shardings)
     else:

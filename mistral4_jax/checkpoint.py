@@ -2,7 +2,8 @@
 
     DST/
       manifest.json     format and converter version, source (path, format, sha256 of its index and
-                        safetensors headers), dtype, tensor and parameter counts, copied files
+                        safetensors headers), dtype, float_weights (FP8: see below), tensor and
+                        parameter counts, copied files
       config.json       our `Mistral4Config` (`to_dict()`)
       params/           one Orbax (v1) PyTree checkpoint, uncompressed:
                           embed, final_norm/scale, lm_head            as in the model's parameter tree
@@ -16,8 +17,10 @@
 
 The parameters are stored in the storage format of the model for the manifest's dtype: with
 "float8_e4m3fn" the weights in `model.FP8_WEIGHTS` are float8 with a float32 `<name>_scale` beside them
-(per tensor [1, ...], per expert [E, 1, 1]) and everything else is bfloat16. Vision arrays are never FP8:
-bfloat16 for an FP8 checkpoint, else the manifest's dtype (`vision_dtype`).
+(per tensor [1, ...], per expert [E, 1, 1]) and everything else is bfloat16, except the weights the
+manifest lists in `float_weights` ("layers_moe/attn/kv_a_proj": their source was not FP8), which are
+bfloat16 without a scale (`model.init_params`). Vision arrays are never FP8: bfloat16 for an FP8
+checkpoint, else the manifest's dtype (`vision_dtype`).
 
 Layers are stored one subtree per layer so that the converter writes one layer at a time (Orbax partial
 saves, `CheckpointWriter`) and never holds more. `restore_params` stacks them back into the model's
@@ -34,7 +37,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -109,9 +112,9 @@ def nest(piece: str, tree: dict[str, Any]) -> dict[str, Any]:
     return {group: {j: tree}}
 
 
-def disk_abstract(cfg: Mistral4Config, dtype: Any, vcfg: Any = None) -> dict[str, Any]:
+def disk_abstract(cfg: Mistral4Config, dtype: Any, vcfg: Any = None, float_weights: Sequence[str] = ()) -> dict[str, Any]:
     """The whole on-disk parameter tree as `jax.ShapeDtypeStruct`s (with the vision piece if `vcfg`)."""
-    abstract = M.abstract_params(cfg, dtype)
+    abstract = M.abstract_params(cfg, dtype, float_weights)
     out = piece_abstract(cfg, dtype, GLOBALS, abstract)
     for group, n, _ in M.layer_groups(cfg):
         layer = piece_abstract(cfg, dtype, f"{group}/0", abstract)
@@ -159,11 +162,12 @@ def on_disk(path: str | os.PathLike) -> dict[str, Any]:
         return ocp.metadata(os.path.join(os.path.abspath(path), PARAMS)).metadata
 
 
-def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any, vcfg: Any = None) -> tuple[int, int]:
-    """Check the arrays stored under `path` against `cfg`/`dtype` (and the vision piece of `vcfg`, if given):
-    names, shapes, dtypes; nothing missing or extra. Returns (tensor count, parameter count), vision
-    included; raises ValueError naming the first difference."""
-    expected = dict(_flat(disk_abstract(cfg, dtype, vcfg)))
+def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any, vcfg: Any = None,
+           float_weights: Sequence[str] = ()) -> tuple[int, int]:
+    """Check the arrays stored under `path` against `cfg`/`dtype`/`float_weights` (and the vision piece of
+    `vcfg`, if given): names, shapes, dtypes; nothing missing or extra. Returns (tensor count, parameter
+    count), vision included; raises ValueError naming the first difference."""
+    expected = dict(_flat(disk_abstract(cfg, dtype, vcfg, float_weights)))
     found = dict(_flat(on_disk(path)))
     for name in sorted(set(expected) | set(found)):
         if name not in found:
@@ -174,7 +178,7 @@ def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any, vcfg: Any =
         if tuple(e.shape) != tuple(f.shape) or np.dtype(e.dtype) != np.dtype(f.dtype):
             raise ValueError(f"{path}: tensor {name!r} is {np.dtype(f.dtype)}{list(f.shape)}, "
                              f"expected {np.dtype(e.dtype)}{list(e.shape)}")
-    return count(disk_abstract(cfg, dtype, vcfg))
+    return count(disk_abstract(cfg, dtype, vcfg, float_weights))
 
 
 def _flat(tree: Any) -> Iterator[tuple[str, Any]]:
@@ -184,6 +188,12 @@ def _flat(tree: Any) -> Iterator[tuple[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ writing
+def temporary_path(dst: str | os.PathLike) -> str:
+    """The temporary sibling `.<name>.converting` that a checkpoint is written into before it becomes `dst`."""
+    dst = os.path.abspath(os.fspath(dst))
+    return os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.converting")
+
+
 class CheckpointWriter:
     """Writes a checkpoint piece by piece into a temporary sibling of DST, renamed to DST once complete.
 
@@ -196,7 +206,7 @@ class CheckpointWriter:
 
     def __init__(self, dst: str | os.PathLike, identity: dict[str, Any], overwrite: bool = False, resume: bool = False) -> None:
         self.dst = os.path.abspath(os.fspath(dst))
-        self.tmp = os.path.join(os.path.dirname(self.dst), f".{os.path.basename(self.dst)}.converting")
+        self.tmp = temporary_path(self.dst)
         self.identity = identity
         if os.path.lexists(self.dst) and not overwrite:
             raise FileExistsError(f"{self.dst} already exists; pass --overwrite to replace it")
@@ -263,16 +273,20 @@ class CheckpointWriter:
         self.journal["pending"] = None
         self._write_journal()
 
-    def finish(self, files: dict[str, str], json_files: dict[str, Any], manifest_fn: Callable[[str], dict[str, Any]]) -> str:
-        """Finalise the Orbax checkpoint, copy `files` ({name in DST: source path}), write `json_files`
-        ({name: object}), run `manifest_fn(tmp)` (verifies, returns the manifest, written last), then
-        rename the temporary directory to DST."""
+    def finalize(self) -> None:
+        """Finalise the Orbax checkpoint once every piece is saved (done already: nothing to do)."""
         if not os.path.exists(self.params_path):
             with _orbax() as ocp:
                 ocp.partial.finalize(self.params_path)
         for entry in os.listdir(self.tmp):
             if "orbax-checkpoint-tmp" in entry:  # left by a save interrupted before it committed
                 shutil.rmtree(os.path.join(self.tmp, entry), ignore_errors=True)
+
+    def finish(self, files: dict[str, str], json_files: dict[str, Any], manifest_fn: Callable[[str], dict[str, Any]]) -> str:
+        """`finalize`, copy `files` ({name in DST: source path}), write `json_files` ({name: object}), run
+        `manifest_fn(tmp)` (verifies, returns the manifest, written last), then rename the temporary
+        directory to DST."""
+        self.finalize()
         for name, src in files.items():
             shutil.copyfile(src, os.path.join(self.tmp, name))
         for name, obj in json_files.items():
@@ -364,7 +378,7 @@ def resolve_shardings(shardings: ShardingSpec, cfg: Mistral4Config, dtype: Any, 
     if isinstance(shardings, Sharding):
         return jax.tree_util.tree_map(lambda _: shardings, abstract)
     if callable(shardings):
-        axes = M.param_axes(cfg, dtype)
+        axes = M.param_axes(cfg, dtype, M.stored_float_weights(abstract))
         return jax.tree_util.tree_map(lambda a, s: shardings(tuple(a), s), axes, abstract,
                                       is_leaf=lambda a: isinstance(a, tuple))
     expected = jax.tree_util.tree_structure(abstract)
@@ -420,8 +434,9 @@ def restore_params(path: str | os.PathLike, dtype: Any = None, shardings: Shardi
         raise ValueError(f"{path}: stored as {stored.name}; FP8 weights need a checkpoint converted with "
                          "--dtype float8_e4m3fn")
     dequantize = M.is_fp8(stored) and not M.is_fp8(target)
-    abstract = M.abstract_params(cfg, target)
-    stored_abstract = abstract if stored == target else M.abstract_params(cfg, stored)
+    floats = manifest.get("float_weights", [])
+    abstract = M.abstract_params(cfg, target, floats)
+    stored_abstract = abstract if stored == target else M.abstract_params(cfg, stored, floats)
     shard_tree = resolve_shardings(shardings, cfg, target, abstract)
     params_path = os.path.join(path, PARAMS)
     with _orbax(partial_load=True) as ocp:

@@ -115,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EXPECTED_ERRORS as e:
         print(f"mistral4-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"mistral4-jax {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # one line; the converter's says what it kept
+        print(f"mistral4-jax {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

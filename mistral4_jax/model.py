@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -177,10 +178,10 @@ def route(logits: Array, cfg: Mistral4Config) -> tuple[Array, Array]:
 
 
 # ------------------------------------------------------------------------------------------ experts
-def _expert_weight(w: Array, scales: tuple[Array, ...] | None, j: int, i: Array, dtype: Any) -> Array:
+def _expert_weight(w: Array, scales: tuple[Array | None, ...] | None, j: int, i: Array, dtype: Any) -> Array:
     """Expert i's slice of w (i may be traced), cast to dtype and times its FP8 scale if any."""
     w = jax.lax.dynamic_index_in_dim(w, i, keepdims=False).astype(dtype)
-    if scales is not None:
+    if scales is not None and scales[j] is not None:
         w = w * jax.lax.dynamic_index_in_dim(scales[j], i, keepdims=False).astype(dtype)
     return w
 
@@ -198,7 +199,7 @@ def routed_experts(
 
     x [T, D]; ids, weights [T, K]; gate, up [E, D, F]; down [E, F, D] -> [T, D] (x's dtype).
     The expert weights may be in their storage dtype (with FP8, `scales` holds the three [E, 1, 1]
-    dequantisation scales); they are cast to x's dtype where they are read.
+    dequantisation scales, None for a weight stored in float); they are cast to x's dtype where they are read.
     The experts held here are `first_expert .. first_expert + E - 1` (all of them unless sharded);
     assignments to other experts contribute zero.
 
@@ -257,7 +258,8 @@ FP8_WEIGHTS = frozenset({
     "q_a_proj", "q_b_proj", "q_proj", "kv_a_proj", "k_b_proj", "v_b_proj", "o_proj",
     "gate_proj", "up_proj", "down_proj", "experts_gate", "experts_up", "experts_down",
 })
-"""Weights stored as float8_e4m3fn when `param_dtype` is FP8 (norms, router, embedding, lm_head stay float)."""
+"""Weights stored as float8_e4m3fn when `param_dtype` is FP8 (norms, router, embedding, lm_head stay float),
+except those a checkpoint lists in its `float_weights` (see `init_params`)."""
 
 
 def fp8_scale_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -275,6 +277,8 @@ class _Base(nn.Module):
 
     With an FP8 `param_dtype`, the weights in `FP8_WEIGHTS` are stored as float8_e4m3fn with a float32
     `<name>_scale` beside them (dequantised on use: `float(w) * scale`); all others are stored in bfloat16.
+    `apply` follows the parameters it is given: a weight of `FP8_WEIGHTS` stored in a float dtype (a
+    `float_weights` entry) is used as it is, without a scale.
     """
 
     cfg: Mistral4Config
@@ -289,7 +293,7 @@ class _Base(nn.Module):
         """Declare parameter `name` and return it as stored, with its FP8 scale (or None)."""
         init = _normal() if init is None else init
         w = jnp.asarray(self.param(name, nn.with_logical_partitioning(init, axes), shape, self.storage_dtype(name)))
-        if not (is_fp8(self.param_dtype) and name in FP8_WEIGHTS):
+        if not is_fp8(w.dtype):
             return w, None
         scale_shape = fp8_scale_shape(name, shape)
         scale_axes = tuple(a if n > 1 else None for a, n in zip(axes, scale_shape))
@@ -398,7 +402,7 @@ class MoE(_Base):
         gate, gs = self.stored("experts_gate", ("experts", "embed", "expert_mlp"), (e, d, f))
         up, us = self.stored("experts_up", ("experts", "embed", "expert_mlp"), (e, d, f))
         down, ds = self.stored("experts_down", ("experts", "expert_mlp", "embed"), (e, f, d))
-        scales = None if gs is None else (gs, us, ds)
+        scales = None if gs is us is ds is None else (gs, us, ds)
         act = ACTIVATIONS[c.hidden_act]
         if self.mesh is not None:
             from .sharding import sharded_routed_experts
@@ -460,7 +464,7 @@ def _top_level_specs(cfg: Mistral4Config, param_dtype: Any) -> dict[str, tuple[t
     return specs
 
 
-def param_axes(cfg: Mistral4Config, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+def param_axes(cfg: Mistral4Config, param_dtype: Any = jnp.float32, float_weights: Sequence[str] = ()) -> dict[str, Any]:
     """Logical axis names of every parameter (a tree of tuples matching `abstract_params`)."""
     out: dict[str, Any] = {}
     for name, (_, _, axes) in _top_level_specs(cfg, param_dtype).items():
@@ -469,11 +473,19 @@ def param_axes(cfg: Mistral4Config, param_dtype: Any = jnp.float32) -> dict[str,
         boxed = jax.eval_shape(functools.partial(_init_layer_boxed, cfg, moe, param_dtype), jax.random.key(0))
         specs = nn.get_partition_spec(boxed)
         out[name] = jax.tree_util.tree_map(lambda s: ("layers", *s), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    if is_fp8(param_dtype):
+        out = _with_float_weights(out, float_weights, lambda axes, _: axes)
     return out
 
 
-def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Random parameters (normal(0.02) weights, unit norms); layers stacked [layers, ...]."""
+def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32,
+                float_weights: Sequence[str] = ()) -> dict[str, Any]:
+    """Random parameters (normal(0.02) weights, unit norms); layers stacked [layers, ...].
+
+    float_weights: with an FP8 `param_dtype`, the weights of `FP8_WEIGHTS` stored in bfloat16 instead, without
+    a scale, as paths in the tree ("layers_moe/attn/kv_a_proj"): a converted checkpoint lists those whose
+    source was not FP8 (the released checkpoint keeps `kv_a_proj_with_mqa` in bf16). Ignored for float dtypes.
+    """
     keys = jax.random.split(key, 8)
     out: dict[str, Any] = {}
     for i, (name, (shape, dtype, _)) in enumerate(_top_level_specs(cfg, param_dtype).items()):
@@ -484,12 +496,42 @@ def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32)
     for j, (name, n, moe) in enumerate(layer_groups(cfg)):
         layer_keys = jax.random.split(keys[4 + j], n)
         out[name] = nn.unbox(jax.vmap(functools.partial(_init_layer_boxed, cfg, moe, param_dtype))(layer_keys))
+    if is_fp8(param_dtype):
+        out = _with_float_weights(out, float_weights, lambda w, s: (w.astype(jnp.float32) * s).astype(jnp.bfloat16))
     return out
 
 
-def abstract_params(cfg: Mistral4Config, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+def abstract_params(cfg: Mistral4Config, param_dtype: Any = jnp.float32, float_weights: Sequence[str] = ()) -> dict[str, Any]:
     """The parameter tree as `jax.ShapeDtypeStruct`s (nothing allocated)."""
-    return jax.eval_shape(functools.partial(init_params, cfg, param_dtype=param_dtype), jax.random.key(0))
+    return jax.eval_shape(functools.partial(init_params, cfg, param_dtype=param_dtype, float_weights=tuple(float_weights)),
+                          jax.random.key(0))
+
+
+def _with_float_weights(tree: dict[str, Any], float_weights: Sequence[str], fn: Any) -> dict[str, Any]:
+    """`tree` (parameters, or a tree matching them) with each FP8 weight at a `float_weights` path replaced by
+    fn(weight, scale) and its `_scale` dropped (dicts copied, leaves shared). ValueError for a path that is
+    not an FP8 weight of the tree."""
+    copy = lambda t: {k: copy(v) for k, v in t.items()} if isinstance(t, dict) else t  # noqa: E731
+    tree = copy(tree)
+    for path in float_weights:
+        *parents, name = path.split("/")
+        node: Any = tree
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if name not in FP8_WEIGHTS or not isinstance(node, dict) or name + "_scale" not in node:
+            raise ValueError(f"float_weights: {path!r} is not an FP8 weight of this model")
+        node[name] = fn(node[name], node.pop(name + "_scale"))
+    return tree
+
+
+def stored_float_weights(params: dict[str, Any]) -> tuple[str, ...]:
+    """The `float_weights` of a stacked parameter tree (arrays or `ShapeDtypeStruct`s): the paths of the
+    `FP8_WEIGHTS` stored without a `_scale` beside them, if the tree holds FP8 weights at all, else ()."""
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if not any(is_fp8(x.dtype) for x in flat.values()):
+        return ()
+    return tuple(sorted(p for p in flat if p.rsplit("/", 1)[-1] in FP8_WEIGHTS and p + "_scale" not in flat))
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:

@@ -111,12 +111,13 @@ def _tree_of_specs(axes_tree: Any, rules: dict[str, str | None]) -> Any:
 
 
 def param_shardings(cfg: Mistral4Config, mesh: Mesh, param_dtype: Any = jnp.float32,
-                    rules: dict[str, str | None] = RULES) -> Any:
-    """NamedSharding for every parameter; checks first that each sharded dimension divides evenly."""
+                    rules: dict[str, str | None] = RULES, float_weights: Sequence[str] = ()) -> Any:
+    """NamedSharding for every parameter (FP8 `float_weights` as `model.init_params`); checks first that each
+    sharded dimension divides evenly."""
     from .model import abstract_params, param_axes
 
-    axes = param_axes(cfg, param_dtype)
-    check_divisible(abstract_params(cfg, param_dtype), axes, dict(mesh.shape), rules)
+    axes = param_axes(cfg, param_dtype, float_weights)
+    check_divisible(abstract_params(cfg, param_dtype, float_weights), axes, dict(mesh.shape), rules)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), _tree_of_specs(axes, rules),
                                   is_leaf=lambda x: isinstance(x, P))
 
@@ -196,7 +197,7 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
         body,
         mesh=mesh,
         in_specs=(P(tok, None), P(tok, None), P(tok, None), P(e_ax, None, f_ax), P(e_ax, None, f_ax),
-                  P(e_ax, f_ax, None), None if scales is None else (P(e_ax, None, None),) * 3),
+                  P(e_ax, f_ax, None), None if scales is None else tuple(None if s is None else P(e_ax, None, None) for s in scales)),
         out_specs=P(tok, None),
     )(x, ids, weights, gate, up, down, scales)
 

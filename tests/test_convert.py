@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import mistral4_jax
-from mistral4_jax import checkpoint, hf
+from mistral4_jax import checkpoint, hf, sharding
 from mistral4_jax.cli import main as cli_main
 from mistral4_jax.convert import convert
 from helpers import REPO, TINY, assert_logits_close, hf_config, make_hf_model
@@ -418,6 +418,20 @@ def test_vision_from_hf_and_native_names_fp8_kept_bf16(tmp_path, weights, f32_ou
         convert(bad, str(tmp_path / "bad-out"), dtype="bfloat16", progress=False)
 
 
+def test_float16_is_the_float32_conversion_rounded(saved, f32_out, weights, tmp_path, capsys):
+    """--dtype float16 stores the float32 conversion rounded to float16 (vision too); a value beyond float16's
+    range is refused, naming the tensor."""
+    dst = str(tmp_path / "f16")
+    assert run_cli("convert", saved, dst, "--dtype", "float16") == 0
+    assert checkpoint.read_manifest(dst)["dtype"] == "float16"
+    assert_trees_equal(restored(dst), jax.tree_util.tree_map(lambda x: x.astype(np.float16), restored(f32_out)))
+    t = bf16_round(weights)
+    t["model.layers.1.input_layernorm.weight"] = np.full(64, 1e5, BF16)
+    src = write_hf(str(tmp_path / "big"), t, hf_dict(CFG))
+    _expect_error(src, str(tmp_path / "big-f16"), capsys, "'model.layers.1.input_layernorm.weight'",
+                  "beyond the range of float16", args=("--dtype", "float16"))
+
+
 def test_restore_casts_float_checkpoints(bf16_out):
     as_f32 = restored(bf16_out, "float32")
     assert_trees_equal(as_f32, jax.tree_util.tree_map(lambda x: x.astype(np.float32), restored(bf16_out)))
@@ -463,43 +477,185 @@ def test_fp8_per_tensor_dequantised_bit_exact(fp8_tensor, tmp_path):
     assert_trees_equal(bf16, jax.tree_util.tree_map(lambda x: x.astype(BF16), ref))
 
 
-def test_fp8_kept_as_fp8(fp8_tensor, tmp_path):
-    src, q, deq = fp8_tensor
-    dst = convert(src, str(tmp_path / "fp8"), dtype="float8_e4m3fn", progress=False)
-    stored = restored(dst)
-    layer = stored["layers_moe"]
-    assert layer["moe"]["experts_gate"].dtype == np.dtype(FP8) and layer["moe"]["router"].dtype == np.dtype(BF16)
-    # scales as in the source: per expert [E, 1, 1] (stacked per layer), k_b/v_b share kv_b_proj's scale
-    assert np.array_equal(layer["moe"]["experts_gate_scale"][1], q["model.layers.2.mlp.experts.gate_up_proj_scale_inv"])
-    assert np.array_equal(layer["moe"]["experts_up_scale"][1], q["model.layers.2.mlp.experts.gate_up_proj_scale_inv"])
-    kv = q["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"]
-    assert layer["attn"]["k_b_proj_scale"][0].item() == layer["attn"]["v_b_proj_scale"][0].item() == kv
-    # FP8 values bit for bit: dequantising the stored values gives exactly the test's dequantisation
-    # (the other weights are stored in bfloat16 in the FP8 format)
-    fp8 = set(fp8_names(deq))
-    deq = {k: v if k in fp8 else v.astype(BF16).astype(np.float32) for k, v in deq.items()}
-    assert_trees_equal(restored(dst, "float32"), _reference(tmp_path, CFG, deq))
-    assert np.array_equal(layer["moe"]["experts_down"][0].view(np.uint8),
-                          q["model.layers.1.mlp.experts.down_proj"].transpose(0, 2, 1).view(np.uint8))
-    model = mistral4_jax.load(dst, dtype="float8_e4m3fn")
-    assert model.dtype == np.dtype(FP8)
-    assert_logits_close(hf_logits(CFG, deq), model.logits(IDS))
+_NATIVE_TO_HF = {v: k for k, v in _NATIVE.items()}
 
 
-def test_fp8_native_per_expert_scales(weights, tmp_path):
+def hf_name(name: str) -> str:
+    """The HF text-model name of a source tensor (HF, multimodal on disk, or Mistral native names)."""
+    name = name.removeprefix("language_model.")
+    if not name.startswith("layers."):  # HF names, or a native global (tok_embeddings, norm, output)
+        return name
+    module, suffix = name.rsplit(".", 1)
+    suffix = {"weight": "weight", "qscale_weight": "weight_scale_inv", "qscale_act": "activation_scale"}[suffix]
+    _, layer, rest = module.split(".", 2)
+    if rest.startswith("experts."):
+        _, e, w = rest.split(".")
+        rest = f"mlp.experts.{e}." + {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[w]
+    else:
+        rest = _NATIVE_TO_HF[rest]
+    return f"model.layers.{layer}.{rest}.{suffix}"
+
+
+def our_layout(name: str, w: np.ndarray, cfg) -> list[tuple[str, int | None, np.ndarray]]:
+    """Where an HF linear weight (`name` an HF text name, `w` its stored array, [out, in] or fused [E, ...])
+    lands in our per-layer tree: [(path, expert index or None, the array there)], from HF's layout."""
+    n, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    module = name.removesuffix(".weight").split(".", 3)[3]  # model.layers.<i>.<module>
+    if module.startswith("mlp.experts.") and module.split(".")[2].isdigit():
+        _, _, e, proj = module.split(".")
+        return [({"gate_proj": "moe/experts_gate", "up_proj": "moe/experts_up", "down_proj": "moe/experts_down"}[proj],
+                 int(e), w.T)]
+    if module == "mlp.experts.gate_up_proj":
+        f = w.shape[1] // 2
+        return [("moe/experts_gate", None, w[:, :f].transpose(0, 2, 1)), ("moe/experts_up", None, w[:, f:].transpose(0, 2, 1))]
+    if module == "mlp.experts.down_proj":
+        return [("moe/experts_down", None, w.transpose(0, 2, 1))]
+    if module == "self_attn.kv_b_proj":
+        kv = w.T.reshape(cfg.kv_lora_rank, n, nope + v)
+        return [("attn/k_b_proj", None, kv[..., :nope]), ("attn/v_b_proj", None, kv[..., nope:])]
+    heads = {"self_attn.q_b_proj": (cfg.q_lora_rank, n, -1), "self_attn.q_proj": (cfg.hidden_size, n, -1),
+             "self_attn.o_proj": (n, v, -1)}
+    path = {"self_attn.q_a_proj": "attn/q_a_proj", "self_attn.q_b_proj": "attn/q_b_proj", "self_attn.q_proj": "attn/q_proj",
+            "self_attn.kv_a_proj_with_mqa": "attn/kv_a_proj", "self_attn.o_proj": "attn/o_proj"}.get(module)
+    if path is None:
+        path = module.replace("mlp.shared_experts.", "moe/shared_expert/").replace("mlp.", "mlp/")
+    return [(path, None, w.T.reshape(heads[module]) if module in heads else w.T)]
+
+
+def assert_fp8_kept(tensors: dict[str, np.ndarray], stored: dict, cfg) -> int:
+    """Every linear weight of the source `tensors` against `stored` (a converted FP8 checkpoint's tree as
+    stored): FP8 sources stored bit for bit (bytes) with a bit-equal scale, bf16 sources stored as the same
+    bf16 bytes without a scale. Returns the number of FP8 source tensors checked."""
+    checked = 0
+    for name, w in tensors.items():
+        canon = hf_name(name)
+        if not canon.startswith("model.layers.") or canon.endswith(("_scale_inv", "activation_scale")) \
+                or "norm" in canon or ".mlp.gate." in canon:
+            continue
+        i = int(canon.split(".")[2])
+        group, j = ("layers_dense", i) if i < cfg.first_k_dense_replace else ("layers_moe", i - cfg.first_k_dense_replace)
+        scale = None
+        if w.dtype == FP8:
+            scale_name = name + "_scale_inv" if canon.endswith("_proj") else name.rsplit(".", 1)[0] + (
+                ".weight_scale_inv" if name.startswith(("model.", "language_model.")) else ".qscale_weight")
+            scale, checked = tensors[scale_name], checked + 1
+        for path, expert, want in our_layout(canon, w, cfg):
+            node = stored[group]
+            for key in path.split("/")[:-1]:
+                node = node[key]
+            leaf = path.split("/")[-1]
+            pick = (lambda a: a[j]) if expert is None else (lambda a: a[j][expert])
+            got = pick(node[leaf])
+            assert got.dtype == w.dtype and got.shape == want.shape, (name, path, got.dtype, got.shape, want.shape)
+            assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)), f"{name} -> {path} differs"
+            if scale is None:
+                assert leaf + "_scale" not in node, f"{name} is {w.dtype} but {path} has a scale"
+            else:
+                got_scale = pick(node[leaf + "_scale"]).reshape(-1)
+                assert np.array_equal(got_scale.view(np.uint32), np.asarray(scale, np.float32).reshape(-1).view(np.uint32)), \
+                    f"{name}: scale {got_scale} stored for {path}, source {scale}"
+    return checked
+
+
+def bf16_except_fp8(weights: dict[str, np.ndarray], keep_bf16: tuple[str, ...]) -> tuple[dict, dict]:
+    """(FP8 source tensors, exact float32 dequantisation): `quantize(weights, None)` with every other tensor
+    in bf16, and those whose names end with `keep_bf16` in bf16 too, without scales (the released checkpoint
+    keeps `kv_a_proj_with_mqa` in bf16)."""
     q, deq = quantize(weights, None)
-    nat = native(q, CFG)
-    # per-expert tensors get their own scalar scale, as in the released native checkpoint
-    for e in range(CFG.n_routed_experts):
-        for w in ("w1", "w2", "w3"):
-            nat[f"layers.1.experts.{e}.{w}.qscale_weight"] = np.float32(0.001 * (e + 1))
-    src = write_native(str(tmp_path / "src"), nat, params_json(CFG, quantization={"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}))
-    dst = convert(src, str(tmp_path / "fp8"), dtype="float8_e4m3fn", progress=False)
-    scales = restored(dst)["layers_moe"]["moe"]["experts_down_scale"][0]
-    assert np.array_equal(scales.reshape(-1), np.array([0.001 * (e + 1) for e in range(8)], np.float32))
-    f32 = restored(convert(src, str(tmp_path / "f32"), dtype="float32", progress=False))
-    want = q["model.layers.1.mlp.experts.down_proj"].astype(np.float32) * scales
-    assert np.array_equal(f32["layers_moe"]["moe"]["experts_down"][0], want.transpose(0, 2, 1))
+    for name, w in weights.items():
+        if name.endswith(keep_bf16):
+            base = name.removesuffix("weight")  # "X." of a linear "X.weight"; fused experts have no suffix
+            for scale in (base + "weight_scale_inv", base + "activation_scale", name + "_scale_inv", name + "_activation_scale"):
+                q.pop(scale, None)
+        elif q[name].dtype == FP8:
+            continue
+        q[name] = w.astype(BF16)
+        deq[name] = q[name].astype(np.float32)
+    return q, deq
+
+
+_FP8_CASES = {  # case: (source tensors kept in bf16, the `float_weights` expected)
+    "hf-fused-released": ((".kv_a_proj_with_mqa.weight",), ["layers_dense/attn/kv_a_proj", "layers_moe/attn/kv_a_proj"]),
+    "hf-per-expert": (("mlp.experts.down_proj",), ["layers_moe/moe/experts_down"]),
+    "native-released": ((".kv_a_proj_with_mqa.weight",), ["layers_dense/attn/kv_a_proj", "layers_moe/attn/kv_a_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def fp8_cases(tmp_path_factory, weights) -> dict[str, tuple[dict, str, dict, list]]:
+    """{case: (source tensors, their FP8 conversion, exact float32 dequantisation (HF fused names), expected
+    `float_weights`)}: HF fused experts in the released layout (kv_a_proj_with_mqa bf16) read in many small
+    pieces (as real-sized tensors are); HF per-expert, per-expert scales, kv_a FP8 and the experts' down_proj
+    bf16; Mistral native names (`qscale_weight`) in the released layout."""
+    out = {}
+    for case, (keep_bf16, floats) in _FP8_CASES.items():
+        q, deq = bf16_except_fp8(weights, keep_bf16)
+        d = tmp_path_factory.mktemp(case)
+        if case == "hf-fused-released":
+            tensors = q
+            src = write_hf(str(d / "src"), q, fp8_config(CFG, None))
+        elif case == "hf-per-expert":
+            tensors = per_expert(q, CFG)
+            src = write_hf(str(d / "src"), tensors, fp8_config(CFG, None), shards=2)
+        else:
+            tensors = native(q, CFG)
+            src = write_native(str(d / "src"), tensors, params_json(CFG, quantization={"qformat_weight": "fp8_e4m3"}))
+        with pytest.MonkeyPatch.context() as mp:
+            if case == "hf-fused-released":
+                mp.setattr("mistral4_jax.convert.lazy._PIECE_BYTES", 1024)  # 2-D tensors in blocks of 4-8 rows
+            dst = convert(src, str(d / "fp8"), dtype="float8_e4m3fn", progress=False)
+        out[case] = (tensors, dst, deq, floats)
+    return out
+
+
+@pytest.mark.parametrize("case", _FP8_CASES)
+def test_fp8_kept_bit_for_bit(fp8_cases, case):
+    """Every FP8 tensor of the source is stored with the same bytes and scale (after our transposes, head
+    reshapes, kv_b / gate_up splits, expert stacking); bf16 sources of FP8-typed weights stay bf16, listed
+    in the manifest's `float_weights`."""
+    tensors, dst, _, floats = fp8_cases[case]
+    stored = restored(dst)
+    assert assert_fp8_kept(tensors, stored, CFG) == sum(a.dtype == FP8 for a in tensors.values()) > 20
+    assert checkpoint.read_manifest(dst)["float_weights"] == floats
+    assert stored["layers_moe"]["moe"]["router"].dtype == np.dtype(BF16)
+    assert stored["layers_moe"]["attn"]["kv_a_proj"].dtype == np.dtype(BF16 if "layers_moe/attn/kv_a_proj" in floats else FP8)
+
+
+def test_fp8_kept_logits_match_transformers(fp8_cases, tmp_path):
+    """The FP8-kept models' logits match transformers on the dequantised weights; dequantised on restore they
+    are the exact dequantisation; native names give the same checkpoint as HF names; on a mesh the weights
+    kept in bf16 are placed like their FP8 counterparts."""
+    for case in ("hf-fused-released", "hf-per-expert"):
+        _, dst, deq, _ = fp8_cases[case]
+        model = mistral4_jax.load(dst, dtype="float8_e4m3fn")
+        assert model.dtype == np.dtype(FP8)
+        assert_logits_close(hf_logits(CFG, deq), model.logits(IDS))
+        mesh = sharding.make_mesh("data=1,expert=2,tensor=2", jax.devices()[:4])
+        on_mesh = mistral4_jax.load(dst, dtype="float8_e4m3fn", mesh=mesh).params
+        assert_trees_equal(jax.tree_util.tree_map(np.asarray, on_mesh), restored(dst))
+    _, dst, deq, _ = fp8_cases["hf-fused-released"]
+    assert_trees_equal(restored(dst, "float32"), _reference(tmp_path, CFG, deq))
+    assert_trees_equal(restored(fp8_cases["native-released"][1]), restored(dst))
+
+
+def test_fp8_sources_that_cannot_be_kept(weights, tmp_path, capsys):
+    """A weight FP8 in one layer and bf16 in another, or an FP8 router (stored bf16 by the model), is
+    refused for --dtype float8_e4m3fn, naming the tensors."""
+    q, _ = bf16_except_fp8(weights, ())
+    mixed = dict(q)
+    kv_a = "model.layers.2.self_attn.kv_a_proj_with_mqa."
+    mixed[kv_a + "weight"] = weights[kv_a + "weight"].astype(BF16)
+    del mixed[kv_a + "weight_scale_inv"], mixed[kv_a + "activation_scale"]
+    src = write_hf(str(tmp_path / "mixed"), mixed, fp8_config(CFG, None))
+    _expect_error(src, str(tmp_path / "dst"), capsys, "'model.layers.1.self_attn.kv_a_proj_with_mqa.weight' is FP8",
+                  "'model.layers.2.self_attn.kv_a_proj_with_mqa.weight' is bfloat16", "layers_moe/attn/kv_a_proj",
+                  args=("--dtype", "float8_e4m3fn"))
+    router = dict(q)
+    router["model.layers.1.mlp.gate.weight"] = np.ones((8, 64), FP8)
+    router["model.layers.1.mlp.gate.weight_scale_inv"] = np.float32(0.5)
+    src = write_hf(str(tmp_path / "router"), router, fp8_config(CFG, None))
+    _expect_error(src, str(tmp_path / "dst"), capsys, "'model.layers.1.mlp.gate.weight' is FP8", "moe/router",
+                  "--dtype float32", args=("--dtype", "float8_e4m3fn"))
 
 
 @pytest.fixture(scope="module")
@@ -683,6 +839,57 @@ def test_killed_conversion_leaves_no_dst_and_resumes_identically(bf16_src, bf16_
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not tmp.exists()
+    assert_trees_equal(restored(dst), restored(bf16_out))
+    assert checkpoint.read_manifest(dst)["tensors"] == checkpoint.read_manifest(bf16_out)["tensors"]
+
+
+_SIGINT_DRIVER = """
+import asyncio, os, signal, sys
+from orbax.checkpoint.experimental.v1._src.partial import saving
+from mistral4_jax.cli import main
+from mistral4_jax.convert import lazy
+
+where, n = sys.argv[1], int(sys.argv[2])
+calls = 0
+
+def interrupt():  # SIGINT to this process on the n-th call
+    global calls
+    calls += 1
+    if calls == n:
+        os.kill(os.getpid(), signal.SIGINT)
+
+if where == "read":  # while a source tensor is read
+    read = lazy.SourceTensor.read
+    lazy.SourceTensor.read = lambda *a, **k: (interrupt(), read(*a, **k))[1]
+elif where == "save":  # while Orbax writes a piece in its threads
+    save_async = saving.save_async
+    saving.save_async = lambda *a, **k: (save_async(*a, **k), interrupt())[0]
+else:  # inside Orbax's finalize (an asyncio loop on this thread)
+    merge_all = saving._merge_all
+    async def merge(*a):
+        interrupt()
+        await asyncio.sleep(0.01)
+        return await merge_all(*a)
+    saving._merge_all = merge
+sys.exit(main(["convert", *sys.argv[3:], "--no-progress"]))
+"""
+
+
+@pytest.mark.parametrize("where,n", [("read", 30), ("save", 2), ("finalize", 1)])
+def test_ctrl_c_exits_130_with_one_line_and_resumes_identically(bf16_src, bf16_out, tmp_path, where, n):
+    """SIGINT while a source tensor is read, while Orbax saves a piece in its threads, or inside Orbax's
+    finalize: exit status 130, one line on stderr naming the kept directory, no DST; --resume finishes it
+    into the checkpoint an uninterrupted conversion writes."""
+    dst = str(tmp_path / "ckpt")
+    proc = subprocess.run([sys.executable, "-c", _SIGINT_DRIVER, where, str(n), bf16_src, dst],
+                          capture_output=True, text=True, timeout=300)
+    tmp = str(tmp_path / ".ckpt.converting")
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.splitlines() == [f"mistral4-jax convert: interrupted: partial conversion kept in {tmp}; "
+                                        "rerun with --resume to finish it"], proc.stderr
+    assert not os.path.exists(dst) and os.path.isdir(tmp)
+    convert(bf16_src, dst, dtype="bfloat16", resume=True, progress=False)
+    assert not os.path.exists(tmp)
     assert_trees_equal(restored(dst), restored(bf16_out))
     assert checkpoint.read_manifest(dst)["tensors"] == checkpoint.read_manifest(bf16_out)["tensors"]
 
