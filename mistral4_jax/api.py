@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .chat.session import ChatResult, ChatSession
 from .config import Mistral4Config
 from .distributed import to_host
 from . import model as M
@@ -43,23 +43,6 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-@dataclasses.dataclass
-class ChatResult:
-    """One chat answer: the reasoning (between [THINK] and [/THINK]), the content (the text outside the
-    reasoning and the tool calls), the tool calls (OpenAI shape: ``{"id", "type": "function", "function":
-    {"name", "arguments": JSON string}}``), finish_reason ("stop", "length", "tool_calls", or "error" with
-    `error` saying which call text is malformed)."""
-
-    reasoning: str
-    content: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    token_ids: list[int]
-    tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    error: str | None = None
-
-
 def vision_dtype(dtype: Any) -> Any:
     """Storage dtype of the vision tower and projector for text weights in `dtype`: bfloat16 when the text
     weights are FP8 (the released checkpoint keeps vision in bf16), else the same float dtype."""
@@ -84,7 +67,12 @@ class Mistral4:
     `vision_config` / `vision_params`: the Pixtral tower + Mistral 3 projector (`vision.VisionConfig`, the
     tree of `vision.read_vision_params` / `vision.init_params`), or None for a text-only model. Images
     (`logits(..., images=)`, `generate(..., images=)`, image parts in `chat`) need them.
+    `verbose` (default True): print a line on stderr whenever generation compiles a new shape ("compiling
+    prefill for batch 1 x 64 tokens, 320-slot cache (first use of this shape)... 21.3 s"), so that the
+    first call of each shape does not wait in silence; set `model.verbose = False` to silence them.
     """
+
+    verbose: bool = True
 
     def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
                  mesh: Any = None, layer_loop: str = "auto", vision_config: Any = None, vision_params: Any = None) -> None:
@@ -283,7 +271,8 @@ class Mistral4:
 
         temperature 0 is greedy; top_k 0 and top_p 1 and min_p 0 switch those filters off. `seed` is
         one int (row i uses seed + i) or one per prompt; the same seed gives the same tokens.
-        stop_token_ids default to the config's eos ids. images: one list of images per prompt (for one
+        stop_token_ids default to the config's eos ids; [] means no stop token (rows end at max_new_tokens).
+        images: one list of images per prompt (for one
         prompt, its list), each prompt's `[IMG]` tokens filled in order (see `pixel_values`). Returns one
         `Generation` (tokens without the stop token, finish_reason "stop"/"length", prompt_tokens) per prompt.
         """
@@ -308,7 +297,8 @@ class Mistral4:
         response_format other than text, need constrained decoding: NotImplementedError (after the
         request is checked). Returns a `ChatResult` (reasoning, content, tool calls, token counts, finish
         reason) for one conversation, or a list of them for a batch; a malformed call is reported in
-        `ChatResult.error` (finish_reason "error"), never raised.
+        `ChatResult.error` (finish_reason "error"), never raised. stop_token_ids default to the tokenizer's eos; [] means none. For a
+        conversation that goes on turn after turn, `chat_session` keeps its cache between turns.
         """
         from .chat import parse_answer
 
@@ -337,6 +327,15 @@ class Mistral4:
             results.append(ChatResult(a.reasoning, a.content, g.prompt_tokens, len(g.tokens), a.finish_reason, g.tokens,
                                       a.tool_calls, a.error))
         return results[0] if single else results
+
+    def chat_session(self, system: str | None = None, reasoning_effort: str | None = None, max_new_tokens: int = 512,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
+                     stop_token_ids: Sequence[int] | None = None, **kwargs: Any) -> ChatSession:
+        """A multi-turn conversation that keeps its KV cache between turns: `session.send("...")` returns a
+        `ChatResult` and prefills only the new turn (see `chat.ChatSession`; kwargs: `prefill_chunk`,
+        `min_cache`)."""
+        return ChatSession(self, system, reasoning_effort, max_new_tokens, temperature, top_k, top_p, min_p, seed,
+                           stop_token_ids, **kwargs)
 
     def encode_chat(self, messages: Any, reasoning_effort: str | None = None, continue_final_message: bool = False,
                     tools: Any = None, tool_choice: Any = "auto") -> tuple[list[int], list[Any]]:

@@ -1,4 +1,4 @@
-"""Batched generation: one jitted prefill, then a jitted on-device decode loop over the latent KV cache.
+"""Batched generation: a jitted prefill, then a jitted on-device decode loop over the latent KV cache.
 
 Prompts of different lengths share a batch by left padding to a bucketed length (powers of two from
 16), so every row writes its next token into the same cache slot and a new prompt length does not
@@ -6,8 +6,18 @@ always recompile. The decode loop (`lax.while_loop`) samples on device, checks s
 per-row token budgets on device, and donates the cache: no host round trip per token. Streaming runs
 the same loop in chunks of `chunk` tokens and yields what each chunk produced.
 
-What recompiles: the batch size, the prompt bucket, the new-token bucket (power of two ≥ 16) and the
-number of stop ids. Sampling settings, seeds and `max_new_tokens` within a bucket do not.
+Compilation: every jitted function here is compiled ahead of time once per argument signature (shapes,
+dtypes, shardings; `CompiledFn`), and each new compilation is announced on stderr while it runs
+("compiling prefill for batch 1 x 64 tokens, 320-slot cache (first use of this shape)... 21.3 s") unless
+`model.verbose` is False; a shape seen before runs its compiled program silently. What compiles anew: the
+batch size, the prompt bucket and the new-token bucket (powers of two ≥ 16). Sampling settings, seeds,
+stop ids (up to 8) and `max_new_tokens` within a bucket do not.
+
+Chat sessions (`ChatSession`, in chat.py) keep one conversation's cache between turns and prefill only
+the new turn: `Generator.extend` writes a chunk of `prefill_chunk` tokens (right padded) at a slot of an
+existing cache, attending to the cached prefix and to itself (absorbed MLA, `model.forward(decode=True)`),
+so every turn of every length reuses one compiled chunk function per cache bucket; the cache grows to the
+next power of two (`Generator.grow`, a copy) when a turn would overflow it.
 
 Images (`Request.images`, a model with a vision tower): before prefill, the images of all rows are run
 through the vision tower and projector together (`Mistral4.request_image_features`, its own jitted function,
@@ -18,9 +28,10 @@ key), replace the `[IMG]` token embeddings in prefill, rows in batch order. Deco
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-from collections.abc import Iterator, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -28,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import model as M
-from .distributed import to_host
+from .distributed import is_main_process, to_host
 from .sampling import SamplingParams, row_keys, sample
 
 if TYPE_CHECKING:
@@ -64,10 +75,54 @@ class Request:
     arrays [3, H, W] (needs a model with a vision tower)."""
 
 
-def _state_shardings(mesh: Any, state: dict[str, Any]) -> Any:
-    from .sharding import cache_shardings
+# ------------------------------------------------------------------------------------ compilation
+def _signature(args: tuple[Any, ...]) -> Any:
+    """What a compiled program is specialised to: the tree structure and each leaf's shape, dtype and (on a
+    mesh) sharding."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
 
-    return cache_shardings(mesh, state)
+    def leaf(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+        return (np.shape(x), str(dtype), bool(getattr(x, "weak_type", False)),
+                sharding if isinstance(sharding, jax.sharding.NamedSharding) else None)
+
+    return tree, tuple(leaf(x) for x in leaves)
+
+
+class CompiledFn:
+    """A function jitted and compiled ahead of time once per argument signature (`_signature`).
+
+    `describe(*args)` names the shape in words; `announce(text)` is called before each new compilation and
+    returns a callable taking the seconds it took. `compiles` counts the compilations so far.
+    Call it like the function (positional arguments only); `executable(*args)` compiles without running.
+    """
+
+    def __init__(self, fn: Callable[..., Any], describe: Callable[..., str],
+                 announce: Callable[[str], Callable[[float], None]], donate_argnames: tuple[str, ...] = ()) -> None:
+        self._jit = jax.jit(fn, donate_argnames=donate_argnames)
+        self._describe = describe
+        self._announce = announce
+        self._compiled: dict[Any, Any] = {}
+        self.compiles = 0
+
+    def executable(self, *args: Any) -> Any:
+        key = _signature(args)
+        exe = self._compiled.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            finished = self._announce(f"compiling {self._describe(*args)} (first use of this shape)")
+            exe = self._compiled[key] = self._jit.lower(*args).compile()
+            self.compiles += 1
+            finished(time.perf_counter() - t0)
+        return exe
+
+    def __call__(self, *args: Any) -> Any:
+        return self.executable(*args)(*args)
+
+
+def _cache_len(cache: dict[str, Any]) -> int:
+    return cache["valid"].shape[1]
 
 
 class Generator:
@@ -76,33 +131,76 @@ class Generator:
     def __init__(self, model: Mistral4, cache_dtype: Any = None) -> None:
         self.model = model
         self.cache_dtype = cache_dtype or model.compute_dtype
-        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("cache",))
-        self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
+        self._prefill = CompiledFn(
+            self._prefill_impl, lambda p, ids, m, cache, *a: f"prefill for batch {ids.shape[0]} x {ids.shape[1]} tokens, "
+            f"{_cache_len(cache)}-slot cache", self._announce, donate_argnames=("cache",))
+        self._extend = CompiledFn(
+            self._extend_impl, lambda p, cache, ids, *a: f"chat prefill for {ids.shape[1]}-token chunks, "
+            f"{_cache_len(cache)}-slot cache", self._announce, donate_argnames=("cache",))
+        self._decode = CompiledFn(
+            self._decode_impl, lambda p, st, *a: f"decode loop for batch {st['tokens'].shape[0]}, "
+            f"{_cache_len(st['cache'])}-slot cache", self._announce, donate_argnames=("state",))
+        self._grow = CompiledFn(
+            self._grow_impl, lambda old, new: f"cache growth from {_cache_len(old)} to {_cache_len(new)} slots",
+            self._announce, donate_argnames=("new",))
+
+    @property
+    def compiles(self) -> int:
+        """Compilations so far (each announced on stderr when `model.verbose`)."""
+        return sum(f.compiles for f in (self._prefill, self._extend, self._decode, self._grow))
+
+    def _announce(self, text: str) -> Callable[[float], None]:
+        """Print `text...` on stderr (process 0, `model.verbose`); the returned callable ends the line with the
+        seconds it took."""
+        if not (getattr(self.model, "verbose", True) and is_main_process()):
+            return lambda seconds: None
+        print(f"mistral4-jax: {text}...", end="", file=sys.stderr, flush=True)
+        return lambda seconds: print(f" {seconds:.1f} s", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------- jitted
-    def _prefill_impl(self, params, ids, mask, cache, sampling, seeds, stop_ids, max_new, image_features=None):
-        """ids, mask [B, Tp] (left padded) -> decode state with the first token sampled.
+    def _first_state(self, cache, logits, start, lengths, tokens, sampling, seeds, stop_ids, max_new):
+        """The decode state after a prefill: token 0 sampled from logits [B, X]; it goes to cache slot `start`
+        (scalar) at position `lengths` [B]. tokens [B, N] (zeros) is the buffer of generated tokens."""
+        tok = sample(logits, row_keys(seeds, 0), *sampling)
+        stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        return {
+            "cache": cache,
+            "tokens": tokens.at[:, 0].set(tok),  # [B, N]
+            "step": jnp.int32(1),  # tokens generated so far
+            "start": jnp.asarray(start, jnp.int32),  # cache slot of tokens[:, 0]
+            "lengths": lengths.astype(jnp.int32),  # [B] position of tokens[:, 0]
+            "stopped": stopped,  # [B]
+            "done": stopped | (max_new <= 1),  # [B]
+        }
+
+    def _prefill_impl(self, params, ids, mask, cache, tokens, sampling, seeds, stop_ids, max_new, image_features=None):
+        """ids, mask [B, Tp] (left padded) into slots 0..Tp-1 of an empty cache -> decode state.
         image_features [M, D] (or None) replace the `[IMG]` token embeddings, in order."""
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         extra = {} if image_features is None else {"image_features": image_features,
                                                     "image_token_index": self.model.vision_config.image_token_index}
         logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=0,
                                             last_only=True, **extra)
-        tok = sample(logits[:, 0], row_keys(seeds, 0), *sampling)
-        b, n = ids.shape[0], cache["valid"].shape[1] - ids.shape[1]
-        stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        return {
-            "cache": cache,
-            "tokens": jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok),
-            "step": jnp.int32(1),
-            "lengths": mask.sum(-1).astype(jnp.int32),
-            "stopped": stopped,
-            "done": stopped | (max_new <= 1),
-        }
+        return self._first_state(cache, logits[:, 0], ids.shape[1], mask.sum(-1), tokens, sampling, seeds, stop_ids,
+                                 max_new)
+
+    def _extend_impl(self, params, cache, ids, n, index, tokens, sampling, seeds, stop_ids, max_new,
+                     image_features=None):
+        """A chunk ids [B, C] whose first n (scalar) tokens are real (right padding) into cache slots
+        index..index+C-1, at positions index.., attending to the cache before it and to itself -> decode state
+        for a first token after token n-1. All rows share index and n (a chat session has one row)."""
+        b, c = ids.shape
+        positions = jnp.broadcast_to(index + jnp.arange(c, dtype=jnp.int32), (b, c))
+        real = jnp.broadcast_to(jnp.arange(c) < n, (b, c))
+        extra = {} if image_features is None else {"image_features": image_features,
+                                                    "image_token_index": self.model.vision_config.image_token_index}
+        logits, _, cache = self.model.apply(params, ids, positions, real, cache=cache, index=index, decode=True,
+                                            logits_at=jnp.full((b,), n - 1), **extra)
+        return self._first_state(cache, logits[:, 0], index + n, jnp.full((b,), index + n), tokens, sampling, seeds,
+                                 stop_ids, max_new)
 
     def _decode_impl(self, params, state, limit, sampling, seeds, stop_ids, max_new):
         """Run decode steps until `limit` tokens exist or every row is done."""
-        prompt_len = state["cache"]["valid"].shape[1] - state["tokens"].shape[1]
 
         def cond(st):
             return (st["step"] < limit) & ~jnp.all(st["done"])
@@ -112,7 +210,7 @@ class Generator:
             last = jax.lax.dynamic_index_in_dim(st["tokens"], s - 1, axis=1, keepdims=True)  # [B, 1]
             pos = (st["lengths"] + s - 1)[:, None]
             logits, _, cache = self.model.apply(
-                params, last, pos, jnp.ones_like(last, bool), cache=st["cache"], index=prompt_len + s - 1, decode=True
+                params, last, pos, jnp.ones_like(last, bool), cache=st["cache"], index=st["start"] + s - 1, decode=True
             )
             tok = sample(logits[:, 0], row_keys(seeds, s), *sampling)
             tok = jnp.where(st["done"], 0, tok)
@@ -123,11 +221,82 @@ class Generator:
 
         return jax.lax.while_loop(cond, body, state)
 
+    @staticmethod
+    def _grow_impl(old, new):
+        """Copy cache `old` into the first slots of the larger empty cache `new`."""
+        return jax.tree_util.tree_map(lambda o, n: jax.lax.dynamic_update_slice(n, o, (0,) * n.ndim), old, new)
+
     # ------------------------------------------------------------------------------------ host
+    def new_cache(self, batch: int, length: int) -> dict[str, Any]:
+        """An empty cache [batch, length slots] in the cache dtype, placed on the model's mesh if any."""
+        cache = M.init_cache(self.model.config, batch, length, self.cache_dtype)
+        if self.model.mesh is not None:
+            from .sharding import cache_shardings
+
+            cache = jax.device_put(cache, cache_shardings(self.model.mesh, cache))
+        return cache
+
+    def grow(self, cache: dict[str, Any], length: int) -> dict[str, Any]:
+        """The cache copied into a larger one of `length` slots (the old one is consumed)."""
+        return self._grow(cache, self.new_cache(cache["valid"].shape[0], length))
+
+    def extend(self, cache: dict[str, Any], ids: np.ndarray, n: int, index: int, tokens: np.ndarray,
+               settings: tuple[Any, ...], image_features: Any = None) -> dict[str, Any]:
+        """Prefill chunk ids [B, C] (n real tokens, then padding) at cache slot `index` (see `_extend_impl`).
+        settings = (sampling arrays, seeds, stop ids, max_new) as `_settings` makes them. Returns the decode
+        state; its "cache" holds the chunk (the given cache is consumed)."""
+        return self._extend(self.model.params, cache, ids, np.int32(n), np.int32(index), tokens, *settings,
+                            image_features)
+
+    @staticmethod
+    def _settings(requests: Sequence[Request], stop_token_ids: Sequence[int]) -> tuple[Any, ...]:
+        """(sampling arrays, seeds [B], stop ids [S], max_new [B]) as numpy arrays for the jitted functions.
+        The stop ids are padded with -1 (never a token) to a power of two ≥ 8, so their number rarely
+        recompiles; no stop ids: the rows stop only on their budgets."""
+        ids = sorted(set(int(s) for s in stop_token_ids))
+        stops = np.full(bucket(len(ids), 8), -1, np.int32)
+        stops[:len(ids)] = ids
+        return (SamplingParams.stack([r.sampling for r in requests]), np.asarray([r.seed for r in requests], np.uint32),
+                stops, np.asarray([r.max_new_tokens for r in requests], np.int32))
+
+    def follow(self, state: dict[str, Any], requests: Sequence[Request], settings: tuple[Any, ...],
+               chunk: int | None = None) -> Iterator[list[list[int]]]:
+        """Yield, after the prefill (`state`) and after each chunk of `chunk` decode steps, the new tokens of
+        every row (stop tokens dropped). Its return value (`yield from`) is (tokens per row, stopped per row,
+        the final state). The decode loop is compiled before the first tokens are yielded."""
+        n = state["tokens"].shape[1]
+        stop_set = set(settings[2].tolist()) - {-1}
+        rows: list[list[int]] = [[] for _ in requests]
+        closed = [False] * len(requests)
+        emitted, chunk = 0, chunk or n
+        while True:
+            step = int(to_host(state["step"]))
+            new = to_host(state["tokens"])[:, emitted:step]
+            finished = bool(to_host(state["done"]).all()) or step >= n
+            if not finished:  # compile (and announce) before showing tokens
+                decode = self._decode.executable(self.model.params, state, np.int32(0), *settings)
+            fresh_rows = []
+            for i, r in enumerate(requests):
+                fresh = []
+                for j, t in enumerate(new[i].tolist()):
+                    if closed[i] or emitted + j >= r.max_new_tokens or t in stop_set:
+                        closed[i] = True
+                        break
+                    fresh.append(t)
+                rows[i].extend(fresh)
+                fresh_rows.append(fresh)
+            yield fresh_rows
+            emitted = step
+            if finished:
+                break
+            state = decode(self.model.params, state, np.int32(min(step + chunk, n)), *settings)
+        return rows, to_host(state["stopped"]).tolist(), state
+
     def stream(self, requests: Sequence[Request], stop_token_ids: Sequence[int], chunk: int | None = None,
                max_len: int | None = None) -> Iterator[list[list[int]]]:
         """Yield, after each chunk of decode steps, the new tokens of every row (stop tokens dropped).
 
+        `stop_token_ids` may be empty: the rows then end only at their `max_new_tokens`.
         Once the iterator is exhausted, `self.last_results` holds one `Generation` per request.
         """
         cfg = self.model.config
@@ -143,8 +312,6 @@ class Generator:
             if r.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be ≥ 1, got {r.max_new_tokens} for prompt {i}")
             prompts.append(p)
-        if not stop_token_ids:
-            raise ValueError("stop_token_ids is empty; pass at least one id (eos by default)")
         longest = max(len(p) for p in prompts)
         most_new = max(r.max_new_tokens for r in requests)
         tp, n = bucket(longest), bucket(most_new)
@@ -159,39 +326,12 @@ class Generator:
         for i, p in enumerate(prompts):
             ids[i, tp - len(p):] = p
             mask[i, tp - len(p):] = 1
-        sampling = tuple(jnp.asarray(a) for a in SamplingParams.stack([r.sampling for r in requests]))
-        seeds = jnp.asarray([r.seed for r in requests], jnp.uint32)
-        stops = jnp.asarray(sorted(set(int(s) for s in stop_token_ids)), jnp.int32)
-        max_new = jnp.asarray([r.max_new_tokens for r in requests], jnp.int32)
+        settings = self._settings(requests, stop_token_ids)
         features = self.model.request_image_features([r.prompt for r in requests], [r.images for r in requests]) \
             if any(len(r.images) for r in requests) else None
-        cache = M.init_cache(cfg, b, tp + n, self.cache_dtype)
-        if self.model.mesh is not None:
-            cache = jax.device_put(cache, _state_shardings(self.model.mesh, cache))
-        state = self._prefill(self.model.params, ids, mask, cache, sampling, seeds, stops, max_new, features)
-        stop_set = set(np.asarray(stops).tolist())
-        rows: list[list[int]] = [[] for _ in requests]
-        closed = [False] * b
-        emitted, chunk = 0, chunk or n
-        while True:
-            step = int(to_host(state["step"]))
-            new = to_host(state["tokens"])[:, emitted:step]
-            fresh_rows = []
-            for i, r in enumerate(requests):
-                fresh = []
-                for j, t in enumerate(new[i].tolist()):
-                    if closed[i] or emitted + j >= r.max_new_tokens or t in stop_set:
-                        closed[i] = True
-                        break
-                    fresh.append(t)
-                rows[i].extend(fresh)
-                fresh_rows.append(fresh)
-            yield fresh_rows
-            emitted = step
-            if bool(to_host(state["done"]).all()) or step >= n:
-                break
-            state = self._decode(self.model.params, state, jnp.int32(min(step + chunk, n)), sampling, seeds, stops, max_new)
-        stopped = to_host(state["stopped"])
+        state = self._prefill(self.model.params, ids, mask, self.new_cache(b, tp + n), np.zeros((b, n), np.int32),
+                              *settings, features)
+        rows, stopped, _ = yield from self.follow(state, requests, settings, chunk)
         self.last_results = [Generation(rows[i], "stop" if stopped[i] else "length", len(prompts[i])) for i in range(b)]
 
     def generate(self, requests: Sequence[Request], stop_token_ids: Sequence[int], max_len: int | None = None) -> list[Generation]:

@@ -347,7 +347,8 @@ class MLA(_Base):
     x [B, T, D], cos/sin [B, T, R/2], qscale [B, T] -> ([B, T, D], cache).
     Without `decode`: attention among the T new tokens, expanded per head (mask [B, T, T]).
     With `decode`: attention over the whole latent cache (mask [B, T, S]) with `kv_b_proj` absorbed into
-    the query (scores) and the output (values), never expanding the cache per head.
+    the query (scores) and the output (values), never expanding the cache per head. T may be > 1: a chunk
+    of new tokens then attends to the cached prefix and to itself (causally, through the mask).
     `cache` = (latent [B, S, L], k_rope [B, S, R]) or None; the new tokens are written at slot `index`.
     """
 
@@ -573,6 +574,7 @@ def forward(
     index: Array | int = 0,
     decode: bool = False,
     last_only: bool = False,
+    logits_at: Array | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     mesh: Any = None,
@@ -584,11 +586,15 @@ def forward(
     input_ids, positions [B, T] int; key_valid [B, T] bool (False = padding).
     Without `decode` the T tokens attend among themselves (prefill); if `cache` is given they are also
     written into it at slot `index`. With `decode` they are written at `index` and attend over the
-    whole cache (absorbed MLA). Layer groups stored stacked run under `lax.scan`; stored as lists
+    whole cache (absorbed MLA), causally: token t sees the valid slots up to `index + t`. That serves a
+    decode step (T = 1) and equally a chunk of prompt continuing a cached prefix (T > 1: the prefix,
+    then the chunk itself; a chat turn prefilled after the conversation so far). Layer groups stored stacked run under `lax.scan`; stored as lists
     (see `unstack_layers`) they run as an unrolled loop.
     `image_features` [M, D] (prefill only): rows replace, in order, the embeddings of the tokens equal to
     `image_token_index` (`[IMG]`), batch row by batch row, as HF's `masked_scatter`; rows past the number
     of `[IMG]` tokens are ignored (so M may be padded to a bucket). None: the text-only path.
+    `last_only`: logits of the last token only; `logits_at` [B] int: of token `logits_at[b]` of each row
+    only (the last real token of a right-padded chunk). Both give logits [B, 1, X].
     Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
     """
     embed = params["embed"]
@@ -639,6 +645,8 @@ def forward(
         expert_ids = ids if moe else expert_ids
     if last_only:
         h = h[:, -1:]
+    elif logits_at is not None:
+        h = jnp.take_along_axis(h, logits_at.astype(jnp.int32)[:, None, None], axis=1)
     h = RMSNorm(cfg, dtype, param_dtype, None, cfg.rms_norm_eps).apply({"params": params["final_norm"]}, h)
     head = embed if cfg.tie_word_embeddings else params["lm_head"]  # [X, D]: XLA:CPU's small-batch matmul is
     # faster against this (HF's) layout than against [D, X]

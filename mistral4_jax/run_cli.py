@@ -152,33 +152,41 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """Stream one answer to stdout; returns the answer's content."""
+def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Stream one answer to stdout (generate --prompt)."""
     from mistral4_jax.generate import Request
     from mistral4_jax.sampling import SamplingParams
-    from mistral4_jax.chat import split_reasoning
 
-    tok = model.require_tokenizer()
     prompt, images = model.encode_chat(messages, reasoning_effort=args.reasoning_effort)  # images: --image files
     request = Request(prompt, args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p),
                       args.seed, tuple(images))
-    decoder = tok.incremental_decoder(skip_special=False)
+    rows = model.generator.stream([request], [model.require_tokenizer().eos_id], chunk=8)
+    seconds = _print_stream(model, (row for row, in rows))
+    result = model.generator.last_results[0]
+    _report(len(result.tokens), seconds, result.finish_reason)
+
+
+def _print_stream(model: Any, chunks: Any) -> float:
+    """Write the text of token-id chunks (an iterator of id lists) to stdout as they arrive (host 0);
+    returns the seconds it took."""
+    decoder = model.require_tokenizer().incremental_decoder(skip_special=False)
     main = is_main_process()
     t0 = time.perf_counter()
-    tokens: list[int] = []
-    for chunk in model.generator.stream([request], [tok.eos_id], chunk=8):
-        tokens.extend(chunk[0])
-        text = decoder.feed(chunk[0])
+    for chunk in chunks:
+        text = decoder.feed(chunk)
         if main and text:
             sys.stdout.write(text)
             sys.stdout.flush()
     if main:
         sys.stdout.write(decoder.flush() + "\n")
-        result = model.generator.last_results[0]
-        dt = time.perf_counter() - t0
-        print(f"[{len(result.tokens)} tokens in {dt:.1f} s, {len(result.tokens) / max(dt, 1e-9):.1f} tokens/s, "
-              f"finish: {result.finish_reason}]", file=sys.stderr)
-    return split_reasoning(tokens, tok)[1]
+        sys.stdout.flush()
+    return time.perf_counter() - t0
+
+
+def _report(tokens: int, seconds: float, finish: str, extra: str = "") -> None:
+    if is_main_process():
+        print(f"[{tokens} tokens in {seconds:.1f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s, finish: {finish}{extra}]",
+              file=sys.stderr)
 
 
 def _batch(model: Any, args: argparse.Namespace) -> int:
@@ -213,9 +221,12 @@ def add_chat(sub: Any, subcommand: Any) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    """The conversation is a `ChatSession`: its cache is kept between turns, so a turn prefills only its own
+    tokens (the stats line says how many were prefilled and how many came from the cache)."""
     model = load_model(args)
-    history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
-    base = list(history)
+    session = model.chat_session(system=args.system, reasoning_effort=args.reasoning_effort,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, min_p=args.min_p, seed=args.seed)
     images: list[str] = []  # attached to the next message
     print("chat: type a message; /image PATH attaches an image to the next one, /reset clears the history, "
           "/exit quits", file=sys.stderr)
@@ -227,7 +238,8 @@ def run_chat(args: argparse.Namespace) -> int:
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
-            history, images = list(base), []
+            session.reset()
+            images = []
             continue
         if line.startswith("/image"):
             path = os.path.expanduser(line[len("/image"):].strip())
@@ -241,13 +253,13 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         if not line:
             continue
-        message = _user_message(line, images)
+        message, images = _user_message(line, images), []
         try:
-            answer = _stream_answer(model, history + [message], args)
+            seconds = _print_stream(model, session.stream(message))
         except (ValueError, OSError) as e:  # e.g. an unreadable image: report it, keep the session
             print(f"chat: error: {e}", file=sys.stderr)
-            images = []
             continue
-        history += [message, {"role": "assistant", "content": answer}]
-        images = []
+        r = session.last_result
+        _report(r.completion_tokens, seconds, r.finish_reason,
+                f", prompt {r.prompt_tokens} tokens ({r.prompt_tokens - r.cached_tokens} prefilled, {r.cached_tokens} cached)")
     return 0

@@ -68,9 +68,12 @@ def test_jsonl_batch_keeps_order_ids_and_reports_bad_lines(model):
 
 
 def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
-    """`mistral4-jax chat`: typed lines become turns; `/image PATH` attaches an image to the next message
-    (its [IMG] tokens and pixels reach the generator); a missing file is reported and the session goes on."""
+    """`mistral4-jax chat`: typed lines become turns of one chat session (a later turn reuses the cache of
+    the earlier ones); `/image PATH` attaches an image to the next message: its `[IMG]` tokens get the image's
+    features in the chunk prefill, and the answer equals a fresh `model.chat` of the same conversation; a
+    missing file is reported and the session goes on; each new shape's compilation is announced once."""
     from mistral4_jax import cli, demo
+    from mistral4_jax.chat import ChatSession
     from mistral4_jax.generate import Generator
 
     ckpt = tmp_path / "ckpt"
@@ -79,18 +82,31 @@ def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
     lines = iter(["Hello", "/image " + str(tmp_path / "missing.png"), "/image " + str(tmp_path / "pic.png"),
                   "What is in the picture?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    seen = []
-    stream = Generator.stream
+    sessions, chunks = [], []
+    init, extend = ChatSession.__init__, Generator.extend
 
-    def spy(self, requests, *a, **k):
-        seen.append((list(requests[0].prompt), len(requests[0].images)))
-        return stream(self, requests, *a, **k)
+    def spy_init(self, *a, **k):
+        init(self, *a, **k, prefill_chunk=16)  # the image's [IMG] tokens span several chunks
+        sessions.append(self)
 
-    monkeypatch.setattr(Generator, "stream", spy)
+    def spy_extend(self, cache, ids, n, index, tokens, settings, feats=None):
+        chunks.append((ids[0, :n].tolist(), None if feats is None else np.asarray(feats)))
+        return extend(self, cache, ids, n, index, tokens, settings, feats)
+
+    monkeypatch.setattr(ChatSession, "__init__", spy_init)
+    monkeypatch.setattr(Generator, "extend", spy_extend)
     assert cli.main(["chat", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "no such image file" in err and "missing.png" in err
-    assert [n for _, n in seen] == [0, 1]
-    img_id = 10  # the demo checkpoint's image_token_index
-    assert img_id not in seen[0][0] and seen[1][0].count(img_id) > 0
-    assert seen[1][0][: len(seen[0][0])] == seen[0][0][: len(seen[0][0])]  # the first turn is kept in the history
+    assert err.count("compiling decode loop for batch 1, 256-slot cache") == 1
+    assert "prefilled" in err and "cached" in err
+    (session,) = sessions
+    model, last = session.model, session.last_result
+    img_id = model.vision_config.image_token_index
+    ids = model.encode_chat(session.messages[:-1])[0]
+    assert last.prompt_tokens == len(ids) and 0 < last.cached_tokens < ids.index(img_id)  # turn 1 came from the cache
+    with_image = [(part.count(img_id), f) for part, f in chunks if img_id in part]
+    assert len(with_image) > 1 and all(f is not None and not f[k:].any() for k, f in with_image)
+    (image,) = model.encode_chat(session.messages[:-1])[1]
+    np.testing.assert_allclose(np.concatenate([f[:k] for k, f in with_image]), model.image_features([image]), atol=1e-6)
+    assert model.chat(session.messages[:-1], max_new_tokens=3).token_ids == last.token_ids

@@ -3,6 +3,7 @@ expanded computation; stop tokens, budgets, seeds, streaming and bad input."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import mistral4_jax
 from mistral4_jax import model as M
-from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
+from helpers import TINY, assert_logits_close, hf_greedy_batch, make_hf_model, save_hf
 
 CFG = TINY.replace(original_max_position_embeddings=4)  # YaRN + query scaling active within the test lengths
 
@@ -71,6 +72,48 @@ def test_absorbed_decode_equals_expanded_forward(pair, prompts):
                                cache=cache2, index=t0, decode=True)
     np.testing.assert_allclose(np.asarray(logits[0]), full[t0:], atol=1e-4)
     assert cache["layers_moe"][0].shape == (CFG.num_moe_layers, 1, s + 3, CFG.kv_lora_rank)
+
+
+def test_chunks_after_a_cached_prefix_equal_transformers(pair, prompts):
+    """A chat turn's prefill: right-padded chunks written at an offset into the cache attend to the cached
+    prefix and to themselves (`decode=True`, T > 1). Split unevenly, so each chunk's padding slots are
+    overwritten by the next chunk, every real token's logits equal transformers' on the whole sequence, and
+    `logits_at` picks a chunk's last real token."""
+    hf, model = pair
+    seq = prompts[1] + prompts[2] + prompts[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].numpy()
+    c = 8
+
+    @jax.jit
+    def chunk(params, ids, n, index, cache):
+        pos = index + jnp.arange(c)[None]
+        real = (jnp.arange(c) < n)[None]
+        full, _, cache = model.apply(params, ids, pos, real, cache=cache, index=index, decode=True)
+        last, _, _ = model.apply(params, ids, pos, real, cache=cache, index=index, decode=True, logits_at=n[None] - 1)
+        return full[0], last[0, 0], cache
+
+    cache, start = M.init_cache(CFG, 1, 40), 0
+    for n in (5, 8, 3, 7, 4):
+        ids = np.full((1, c), CFG.pad_token_id, np.int32)
+        ids[0, :n] = seq[start:start + n]
+        full, last, cache = chunk(model.params, ids, np.int32(n), np.int32(start), cache)
+        assert_logits_close(ref[start:start + n], np.asarray(full[:n]))
+        np.testing.assert_allclose(np.asarray(last), np.asarray(full[n - 1]), atol=1e-5)
+        start += n
+    assert start == len(seq)
+
+
+def test_empty_stop_token_ids_means_no_stop_token(pair, prompts, monkeypatch):
+    """stop_token_ids=[]: no stop token at all (not the default eos); rows end only at their budgets."""
+    _, model = pair
+    free = model.generate(prompts, max_new_tokens=20, stop_token_ids=[CFG.vocab_size - 1])
+    stop = free[0].tokens[6]
+    monkeypatch.setattr(model, "config", CFG.replace(eos_token_id=stop))  # the default stop now occurs
+    assert model.generate(prompts, max_new_tokens=20)[0].finish_reason == "stop"
+    res = model.generate(prompts, max_new_tokens=20, stop_token_ids=[])
+    assert [r.tokens for r in res] == [f.tokens for f in free]
+    assert all(r.finish_reason == "length" and len(r.tokens) == 20 for r in res)
 
 
 def test_stop_tokens_and_per_row_budgets(pair, prompts):
