@@ -10,7 +10,7 @@ from jax._src import dispatch
 
 import mistral4_jax
 from mistral4_jax.chat.session import common_prefix
-from mistral4_jax.tokenizer import write_synthetic_tekken
+from mistral4_jax.demo import write_synthetic_tekken
 from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
 
 CFG = TINY.replace(vocab_size=131072)  # the real Tekken vocabulary
