@@ -625,17 +625,17 @@ def test_fp8_kept_logits_match_transformers(fp8_cases, tmp_path):
     """The FP8-kept models' logits match transformers on the dequantised weights; dequantised on restore they
     are the exact dequantisation; native names give the same checkpoint as HF names; on a mesh the weights
     kept in bf16 are placed like their FP8 counterparts."""
-    for case in ("hf-fused-released", "hf-per-expert"):
+    for case in ("hf-per-expert", "hf-fused-released"):
         _, dst, deq, _ = fp8_cases[case]
         model = mistral4_jax.load(dst, dtype="float8_e4m3fn")
         assert model.dtype == np.dtype(FP8)
         assert_logits_close(hf_logits(CFG, deq), model.logits(IDS))
-        mesh = sharding.make_mesh("data=1,expert=2,tensor=2", jax.devices()[:4])
-        on_mesh = mistral4_jax.load(dst, dtype="float8_e4m3fn", mesh=mesh).params
-        assert_trees_equal(jax.tree_util.tree_map(np.asarray, on_mesh), restored(dst))
-    _, dst, deq, _ = fp8_cases["hf-fused-released"]
+    stored = restored(dst)
+    mesh = sharding.make_mesh("data=1,expert=2,tensor=2", jax.devices()[:4])
+    on_mesh = mistral4_jax.load(dst, dtype="float8_e4m3fn", mesh=mesh).params
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, on_mesh), stored)
+    assert_trees_equal(restored(fp8_cases["native-released"][1]), stored)
     assert_trees_equal(restored(dst, "float32"), _reference(tmp_path, CFG, deq))
-    assert_trees_equal(restored(fp8_cases["native-released"][1]), restored(dst))
 
 
 def test_fp8_sources_that_cannot_be_kept(weights, tmp_path, capsys):
@@ -844,50 +844,54 @@ def test_killed_conversion_leaves_no_dst_and_resumes_identically(bf16_src, bf16_
 
 
 _SIGINT_DRIVER = """
-import asyncio, os, signal, sys
+import asyncio, json, os, signal, sys
 from orbax.checkpoint.experimental.v1._src.partial import saving
 from mistral4_jax.cli import main
 from mistral4_jax.convert import lazy
 
-where, n = sys.argv[1], int(sys.argv[2])
-calls = 0
+where, n = None, 0
 
-def interrupt():  # SIGINT to this process on the n-th call
-    global calls
-    calls += 1
-    if calls == n:
-        os.kill(os.getpid(), signal.SIGINT)
+def interrupt(point):  # SIGINT to this process on the n-th call at `point`
+    global n
+    if point == where:
+        n -= 1
+        if n == 0:
+            os.kill(os.getpid(), signal.SIGINT)
 
-if where == "read":  # while a source tensor is read
-    read = lazy.SourceTensor.read
-    lazy.SourceTensor.read = lambda *a, **k: (interrupt(), read(*a, **k))[1]
-elif where == "save":  # while Orbax writes a piece in its threads
-    save_async = saving.save_async
-    saving.save_async = lambda *a, **k: (save_async(*a, **k), interrupt())[0]
-else:  # inside Orbax's finalize (an asyncio loop on this thread)
-    merge_all = saving._merge_all
-    async def merge(*a):
-        interrupt()
-        await asyncio.sleep(0.01)
-        return await merge_all(*a)
-    saving._merge_all = merge
-sys.exit(main(["convert", *sys.argv[3:], "--no-progress"]))
+read = lazy.SourceTensor.read  # while a source tensor is read
+lazy.SourceTensor.read = lambda *a, **k: (interrupt("read"), read(*a, **k))[1]
+save_async = saving.save_async  # while Orbax writes a piece in its threads
+saving.save_async = lambda *a, **k: (save_async(*a, **k), interrupt("save"))[0]
+merge_all = saving._merge_all  # inside Orbax's finalize (an asyncio loop on this thread)
+async def merge(*a):
+    interrupt("finalize")
+    await asyncio.sleep(0.01)
+    return await merge_all(*a)
+saving._merge_all = merge
+
+codes = []
+for phase in sys.argv[1].split(","):  # "read:30,save:2": one conversion (resumed) interrupted at each
+    where, n = phase.split(":")[0], int(phase.split(":")[1])
+    codes.append(main(["convert", *sys.argv[2:], "--no-progress", "--resume"]))
+print(json.dumps(codes))
+sys.exit(codes[-1])
 """
 
 
-@pytest.mark.parametrize("where,n", [("read", 30), ("save", 2), ("finalize", 1)])
-def test_ctrl_c_exits_130_with_one_line_and_resumes_identically(bf16_src, bf16_out, tmp_path, where, n):
-    """SIGINT while a source tensor is read, while Orbax saves a piece in its threads, or inside Orbax's
-    finalize: exit status 130, one line on stderr naming the kept directory, no DST; --resume finishes it
-    into the checkpoint an uninterrupted conversion writes."""
-    dst = str(tmp_path / "ckpt")
-    proc = subprocess.run([sys.executable, "-c", _SIGINT_DRIVER, where, str(n), bf16_src, dst],
-                          capture_output=True, text=True, timeout=300)
-    tmp = str(tmp_path / ".ckpt.converting")
-    assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.splitlines() == [f"mistral4-jax convert: interrupted: partial conversion kept in {tmp}; "
-                                        "rerun with --resume to finish it"], proc.stderr
-    assert not os.path.exists(dst) and os.path.isdir(tmp)
+def test_ctrl_c_exits_130_with_one_line_and_resumes_identically(bf16_src, bf16_out, tmp_path):
+    """SIGINT while a source tensor is read, then (resumed) while Orbax saves a piece in its threads (the
+    process then exits), then (resumed, in a second process) inside Orbax's finalize: each time exit status
+    130, one line on stderr naming the kept directory, no DST; --resume finishes it into the checkpoint an
+    uninterrupted conversion writes."""
+    dst, tmp = str(tmp_path / "ckpt"), str(tmp_path / ".ckpt.converting")
+    line = f"mistral4-jax convert: interrupted: partial conversion kept in {tmp}; rerun with --resume to finish it"
+    for phases in ("read:30,save:2", "finalize:1"):
+        proc = subprocess.run([sys.executable, "-c", _SIGINT_DRIVER, phases, bf16_src, dst], capture_output=True,
+                              text=True, timeout=300)
+        n = phases.count(":")
+        assert proc.returncode == 130 and json.loads(proc.stdout) == [130] * n, proc.stdout + proc.stderr
+        assert proc.stderr.splitlines() == [line] * n, proc.stderr
+        assert not os.path.exists(dst) and os.path.isdir(tmp)
     convert(bf16_src, dst, dtype="bfloat16", resume=True, progress=False)
     assert not os.path.exists(tmp)
     assert_trees_equal(restored(dst), restored(bf16_out))
