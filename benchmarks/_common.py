@@ -18,9 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "configs")
-
 _real_stdout_fd: int | None = None
 
 
@@ -54,10 +51,10 @@ def log(*args: Any) -> None:
 
 
 def config_path(name: str) -> str:
-    """`configs/<name>.json` for a bare name, else the path as given."""
-    if os.sep in name or name.endswith(".json"):
-        return name
-    return os.path.join(CONFIGS, f"{name}.json")
+    """A bundled config's name (`small`, `tiny`, ...) or a path."""
+    from mistral4_jax import configs  # deferred: importing mistral4_jax starts jax
+
+    return configs.resolve(name)
 
 
 def timeit(fn: Callable[[], Any], reps: int) -> list[float]:

@@ -5,7 +5,14 @@ Each input line is one OpenAI-style request: {"id": ..., "messages": [...] (user
 "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "reasoning_effort", "stop_token_ids"}.
 Each output line: {"id", "reasoning", "content", "prompt_tokens", "completion_tokens", "finish_reason"}
 or, for a line that could not be served, {"id", "error"} — one bad line never stops the batch.
-Requests are grouped into device batches (mixed sampling settings share one compiled loop).
+
+Two steps, so that a bad file is reported before a model is loaded:
+`parse(lines, defaults)` checks every line without a model (JSON, field names and types, value ranges,
+unique ids); `serve(model, parsed)` tokenizes the valid ones (a bad image fails its line only) and
+generates them in device batches (mixed sampling settings share one compiled loop).
+
+Ids: an explicit "id" is a string or an integer, unique in the file. A line without one (or one that is
+not JSON) gets its line number, as a string when the file's explicit ids are strings.
 """
 
 from __future__ import annotations
@@ -18,83 +25,141 @@ from typing import Any
 
 from .generate import Request
 from .sampling import SamplingParams
+from .chat import REASONING_EFFORTS, split_reasoning
 
 log = logging.getLogger(__name__)
 
-_FIELDS = {"id", "messages", "max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-           "reasoning_effort", "stop_token_ids", "model"}
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p")
+_FIELDS = {"id", "messages", "max_tokens", "max_new_tokens", "seed", "reasoning_effort", "stop_token_ids", "model",
+           *_SAMPLING}
 
 
 @dataclasses.dataclass
 class Parsed:
+    """One non-blank input line: a checked request (not yet tokenized), or `error`."""
+
     id: Any
-    prompt: list[int] | None = None
-    request: Request | None = None
-    stops: tuple[int, ...] = ()
+    line: int
+    messages: list[dict[str, Any]] | None = None
+    max_new_tokens: int = 0
+    sampling: SamplingParams | None = None
+    seed: int = 0
+    reasoning_effort: str | None = None
+    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's eos
     error: str | None = None
 
 
-def parse_line(line: str, number: int, model: Any, defaults: dict[str, Any]) -> Parsed:
-    """One JSONL line -> a tokenized request, or a `Parsed` with `error` saying what is wrong."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return Parsed(id=number, error=f"line {number}: not valid JSON ({e.msg})")
+def _int(obj: dict[str, Any], name: str, low: int, high: int | None = None) -> int:
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name!r} must be an integer, got {value!r}")
+    if value < low or (high is not None and value >= high):
+        raise ValueError(f"{name!r} must be {f'in [{low}, {high})' if high is not None else f'>= {low}'}, got {value}")
+    return value
+
+
+def _request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The checked fields of one request object (ValueError naming the field otherwise)."""
     if not isinstance(obj, dict):
-        return Parsed(id=number, error=f"line {number}: expected a JSON object")
-    rid = obj.get("id", number)
-    try:
-        unknown = sorted(set(obj) - _FIELDS)
-        if unknown:
-            raise ValueError(f"unknown field {unknown[0]!r}")
-        messages = obj.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list")
-        opts = {**defaults, **{k: v for k, v in obj.items() if k in _FIELDS - {"id", "messages", "model"}}}
-        max_new = int(opts.pop("max_tokens", None) or opts.pop("max_new_tokens", None) or defaults.get("max_new_tokens", 256))
-        opts.pop("max_new_tokens", None)
-        tok = model.require_tokenizer()
-        if hasattr(model, "encode_chat"):  # images are decoded here: a bad image fails this line only
-            prompt, images = model.encode_chat(messages, reasoning_effort=opts.get("reasoning_effort"))
-        else:
-            prompt, images = tok.encode_chat(messages, reasoning_effort=opts.get("reasoning_effort")), []
-        if max(prompt) >= model.config.vocab_size:
-            raise ValueError(f"the tokenizer produced ids up to {max(prompt)}, outside the model's vocabulary")
-        sampling = SamplingParams(float(opts.get("temperature", 0.0)), int(opts.get("top_k", 0)),
-                                  float(opts.get("top_p", 1.0)), float(opts.get("min_p", 0.0)))
-        if max_new < 1:
-            raise ValueError(f"max_tokens must be ≥ 1, got {max_new}")
-        stops = tuple(opts.get("stop_token_ids") or (tok.eos_id,))
-        return Parsed(rid, prompt, Request(prompt, max_new, sampling, int(opts.get("seed", 0)), tuple(images)), stops)
-    except (ValueError, TypeError, KeyError) as e:
-        return Parsed(id=rid, error=f"line {number}: {e}")
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string 'role'")
+    if "max_tokens" in obj and "max_new_tokens" in obj:
+        raise ValueError("give one of 'max_tokens' and 'max_new_tokens'")
+    opts = {**defaults, **{k: v for k, v in obj.items() if v is not None}}
+    limit = "max_tokens" if "max_tokens" in obj else "max_new_tokens"
+    opts.setdefault(limit, defaults.get("max_new_tokens", 256))
+    effort = opts.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise ValueError(f"'reasoning_effort' must be one of {', '.join(map(repr, REASONING_EFFORTS))}, got {effort!r}")
+    stops = opts.get("stop_token_ids")
+    if stops is not None and (not isinstance(stops, list) or not stops
+                              or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in stops)):
+        raise ValueError(f"'stop_token_ids' must be a non-empty list of token ids, got {stops!r}")
+    sampling = SamplingParams(*(opts.get(k, getattr(SamplingParams, k)) for k in _SAMPLING))  # checks the ranges
+    return dict(messages=messages, max_new_tokens=_int(opts, limit, 1), sampling=sampling,
+                seed=_int(opts, "seed", 0, 2**32) if "seed" in opts else 0, reasoning_effort=effort,
+                stop_token_ids=tuple(stops) if stops else None)
 
 
-def run(model: Any, lines: list[str], defaults: dict[str, Any] | None = None, batch_size: int = 8) -> Iterator[dict[str, Any]]:
-    """Yield one result dict per non-empty input line, in input order."""
-    from .chat import split_reasoning
-
+def parse(lines: list[str], defaults: dict[str, Any] | None = None, source: str = "input") -> list[Parsed]:
+    """Check every non-blank line (no model needed); errors read "`source` line N: what is wrong"."""
     defaults = dict(defaults or {})
-    parsed = [parse_line(line, i + 1, model, defaults) for i, line in enumerate(lines) if line.strip()]
-    ok = [p for p in parsed if p.error is None]
+    objs: list[tuple[int, Any, str | None]] = []  # (line number, object, JSON error)
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                objs.append((number, json.loads(line), None))
+            except json.JSONDecodeError as e:
+                objs.append((number, None, f"not valid JSON ({e.msg})"))
+    string_ids = any(isinstance(o, dict) and isinstance(o.get("id"), str) for _, o, _ in objs)
+    out: list[Parsed] = []
+    seen: dict[Any, int] = {}
+    for number, obj, error in objs:
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        if rid is None or isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            if rid is not None and error is None:
+                error = f"'id' must be a string or an integer, got {rid!r}"
+            rid = str(number) if string_ids else number
+        if error is None and rid in seen:
+            error = f"id {rid!r} is already used by line {seen[rid]}"
+        seen.setdefault(rid, number)
+        p = Parsed(rid, number, error=error)
+        if error is None:
+            try:
+                p = Parsed(rid, number, **_request(obj, defaults))
+            except ValueError as e:
+                p.error = str(e)
+        if p.error is not None:
+            p.error = f"{source} line {number}: {p.error}"
+        out.append(p)
+    return out
+
+
+def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dict[str, Any]]:
+    """Tokenize and generate the valid requests; yield one result per `parsed` entry, in order."""
+    tok = model.require_tokenizer()
     results: dict[int, dict[str, Any]] = {}
     # rows in one device batch must share stop ids; group by them, keep input order inside a group
-    groups: dict[tuple[int, ...], list[Parsed]] = {}
-    for p in ok:
-        groups.setdefault(p.stops, []).append(p)
+    groups: dict[tuple[int, ...], list[tuple[Parsed, Request]]] = {}
+    for i, p in enumerate(parsed):
+        if p.error is not None:
+            results[i] = {"id": p.id, "error": p.error}
+            continue
+        try:
+            prompt, images = model.encode_chat(p.messages, reasoning_effort=p.reasoning_effort)  # decodes images
+            if max(prompt) >= model.config.vocab_size:
+                raise ValueError(f"the tokenizer produced ids up to {max(prompt)}, outside the model's vocabulary")
+            stops = p.stop_token_ids or (tok.eos_id,)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            results[i] = {"id": p.id, "error": f"line {p.line}: {e}"}
+            continue
+        groups.setdefault(stops, []).append((i, Request(prompt, p.max_new_tokens, p.sampling, p.seed, tuple(images))))
     for stops, members in groups.items():
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             try:
-                gens = model.generator.generate([p.request for p in chunk], stops)
+                gens = model.generator.generate([r for _, r in chunk], stops)
             except ValueError as e:  # e.g. too long for the cache: report per request
-                for p in chunk:
-                    results[id(p)] = {"id": p.id, "error": str(e)}
+                for i, _ in chunk:
+                    results[i] = {"id": parsed[i].id, "error": f"line {parsed[i].line}: {e}"}
                 continue
-            for p, g in zip(chunk, gens):
-                reasoning, content = split_reasoning(g.tokens, model.tokenizer)
-                results[id(p)] = {"id": p.id, "reasoning": reasoning, "content": content,
-                                  "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
-                                  "finish_reason": g.finish_reason}
-    for p in parsed:
-        yield {"id": p.id, "error": p.error} if p.error is not None else results[id(p)]
+            for (i, _), g in zip(chunk, gens):
+                reasoning, content = split_reasoning(g.tokens, tok)
+                results[i] = {"id": parsed[i].id, "reasoning": reasoning, "content": content,
+                              "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
+                              "finish_reason": g.finish_reason}
+    for i in range(len(parsed)):
+        yield results[i]
+
+
+def run(model: Any, lines: list[str], defaults: dict[str, Any] | None = None, batch_size: int = 8) -> Iterator[dict[str, Any]]:
+    """Yield one result dict per non-blank input line, in input order (`serve` of `parse`)."""
+    return serve(model, parse(lines, defaults), batch_size)

@@ -9,15 +9,24 @@
     mistral4-jax demo
 
 To add a subcommand, write `_add_<name>(subparsers)` that makes its parser with `_subcommand` (which adds
-the common options, e.g. `-v`), declares its arguments and sets `run=<function(args) -> int>`, and list
-it in `SUBCOMMANDS`. Expected errors (ValueError,
-FileNotFoundError, FileExistsError) print one line on stderr and exit with status 1, no traceback.
+the common options, e.g. `-v`), declares its arguments and sets `run=<function(args) -> int>` (and
+optionally `check=<function(args)>`, raising ValueError for options that cannot go together), and list
+it in `SUBCOMMANDS`.
+
+Exit status (the convention of argparse, git and GNU tools):
+    0    success
+    1    an error in the input data or the machine: a missing file, a bad config, checkpoint or request
+         file, a mesh that does not fit the devices (`EXPECTED_ERRORS`): one line on stderr, no traceback
+    2    a usage error: an unknown or missing option, a bad option value, options that do not go together
+         (argparse's own checks and `check`), found before anything is loaded: the usage and one line
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +38,7 @@ def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, **kwargs:
     """A subcommand parser with the common options."""
     p = sub.add_parser(name, help=help, **kwargs)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.set_defaults(parser=p)
     return p
 
 
@@ -106,7 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mistral4-jax` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2; argparse has printed the usage and the error)
+        return int(e.code or 0)
+    try:
+        if hasattr(args, "check"):
+            args.check(args)
+    except ValueError as e:
+        args.parser.print_usage(sys.stderr)
+        print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -118,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # one line; the converter's says what it kept
         print(f"mistral4-jax {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`mistral4-jax inspect DIR | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush does not fail too
+        return 1
 
 
 if __name__ == "__main__":

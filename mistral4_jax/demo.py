@@ -12,13 +12,12 @@ The weights are random, so the answers are gibberish: the demo shows that every 
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import json
 import logging
 import os
+import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .config import Mistral4Config
+from .run_cli import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -177,76 +177,103 @@ def demo_image() -> Any:
     return img
 
 
-def run(workdir: str | None = None, max_new_tokens: int = 24) -> int:
-    """Run the demo in `workdir` (a temporary directory by default)."""
+DEMO_TIME = "about a minute"
+"""The demo's wall time on the development machine (2-core CPU; see the README), quoted by --help."""
+
+DEFAULT_WORKDIR = "mistral4-demo"
+"""Where `mistral4-jax demo` keeps what it makes (relative to the current directory)."""
+
+_MARKER = "MISTRAL4_DEMO.txt"
+_MARKER_TEXT = """Written by `mistral4-jax demo` (random weights: the answers are gibberish).
+hf/         a small Mistral 4 checkpoint in HF format (config.json, model.safetensors in bf16, tekken.json)
+converted/  its conversion: load it with mistral4_jax.load("converted") or --checkpoint converted
+Running the demo again with this directory rewrites both.
+"""
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Create `workdir`, or check that it is empty or an earlier demo's (the demo rewrites hf/ and converted/)."""
+    if os.path.exists(workdir):
+        if not os.path.isdir(workdir):
+            raise NotADirectoryError(f"--workdir {workdir}: exists and is not a directory")
+        if os.listdir(workdir) and not os.path.isfile(os.path.join(workdir, _MARKER)):
+            raise FileExistsError(f"--workdir {workdir}: exists and holds files that the demo did not write; "
+                                  "give an empty or new directory")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, _MARKER), "w") as f:
+        f.write(_MARKER_TEXT)
+
+
+def run(workdir: str = DEFAULT_WORKDIR, max_new_tokens: int = 24) -> int:
+    """Run the demo; its checkpoints stay in `workdir` (hf/ and converted/) for the next steps."""
     import jax
+    import jax.numpy as jnp
 
     import mistral4_jax
+    from mistral4_jax import configs
     from mistral4_jax.convert import convert
     from mistral4_jax.plan import ACCELERATORS, format_plan, memory_plan
 
     t_all = time.perf_counter()
+    prepare_workdir(workdir)
     say("mistral4-jax demo — the weights are RANDOM (no download is possible or needed): the answers are "
         "gibberish; the demo shows the pipeline working end to end.")
-    say(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s))\n")
-    tmp = None if workdir else tempfile.TemporaryDirectory(prefix="mistral4-demo-")
-    root = workdir or tmp.name  # type: ignore[union-attr]
-    src, dst = os.path.join(root, "hf"), os.path.join(root, "converted")
-    try:
+    say(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)); working in {workdir}\n")
+    src, dst = os.path.join(workdir, "hf"), os.path.join(workdir, "converted")
+
+    t = time.perf_counter()
+    say("1/5 writing a small Mistral 4 checkpoint in HF format (bf16, multimodal names, Tekken tokenizer)")
+    write_hf_checkpoint(src)
+    say(f"    {src} ({_size(src)}) in {time.perf_counter() - t:.1f} s\n")
+
+    t = time.perf_counter()
+    say("2/5 converting it to an Orbax checkpoint (mistral4-jax convert)")
+    convert(src, dst, dtype="bfloat16", overwrite=True, progress=True)
+    say(f"    {dst} ({_size(dst)}) in {time.perf_counter() - t:.1f} s\n")
+
+    t = time.perf_counter()
+    say("3/5 loading it (mistral4_jax.load)")
+    model = mistral4_jax.load(dst, dtype="bfloat16")
+    vision = getattr(model, "vision_config", None) is not None
+    say(f"    {model.num_params():,} parameters, weights {model.dtype.__name__}, compute "
+        f"{model.compute_dtype.__name__}, vision tower: {'yes' if vision else 'no'}; {time.perf_counter() - t:.1f} s\n")
+
+    say("4/5 memory plan (mistral4-jax plan): this model on one device, then the real model")
+    say(_indent(format_plan(memory_plan(model.config, {}, model.dtype, batch=1, context=8192))))
+    real = Mistral4Config.from_json(configs.resolve("mistral-small-4-119b"))
+    _, hbm, mesh = ACCELERATORS["TPU v5e-16"]
+    say("    Mistral-Small-4-119B, FP8 weights, on TPU v5e-16:")
+    say(_indent(format_plan(memory_plan(real, mesh, jnp.float8_e4m3fn, batch=8, context=32768, hbm_per_device=hbm)), 8))
+    say("")
+
+    say("5/5 chat")
+    requests = [
+        ("reasoning off", [{"role": "user", "content": "What is the capital of France?"}], "none"),
+        ("reasoning_effort=high", [{"role": "user", "content": "Is 97 a prime number?"}], "high"),
+    ]
+    if vision:
+        requests.append(("with an image", [{"role": "user", "content": [
+            {"type": "image", "image": demo_image()}, {"type": "text", "text": "What is in this picture?"}]}], "none"))
+    else:
+        say("    (this checkpoint has no vision tower loaded: the image request is skipped)")
+    for label, messages, effort in requests:
         t = time.perf_counter()
-        say("1/5 writing a small Mistral 4 checkpoint in HF format (bf16, multimodal names, Tekken tokenizer)")
-        write_hf_checkpoint(src)
-        say(f"    {src} ({_size(src)}) in {time.perf_counter() - t:.1f} s\n")
-
-        t = time.perf_counter()
-        say("2/5 converting it to an Orbax checkpoint (mistral4-jax convert)")
-        convert(src, dst, dtype="bfloat16", overwrite=True, progress=True)
-        say(f"    {dst} ({_size(dst)}) in {time.perf_counter() - t:.1f} s\n")
-
-        t = time.perf_counter()
-        say("3/5 loading it (mistral4_jax.load)")
-        model = mistral4_jax.load(dst, dtype="bfloat16")
-        vision = getattr(model, "vision_config", None) is not None
-        say(f"    {model.num_params():,} parameters, weights {model.dtype.__name__}, compute "
-            f"{model.compute_dtype.__name__}, vision tower: {'yes' if vision else 'no'}; {time.perf_counter() - t:.1f} s\n")
-
-        say("4/5 memory plan (mistral4-jax plan): this model on one device, then the real model")
-        say(_indent(format_plan(memory_plan(model.config, {}, model.dtype, batch=1, context=8192))))
-        real = Mistral4Config.from_json(os.path.join(os.path.dirname(__file__), "..", "configs", "mistral-small-4-119b.json")) \
-            if os.path.exists(os.path.join(os.path.dirname(__file__), "..", "configs", "mistral-small-4-119b.json")) \
-            else Mistral4Config()
-        chips, hbm, mesh = ACCELERATORS["TPU v5e-16"]
-        import jax.numpy as jnp
-
-        say("    Mistral-Small-4-119B, FP8 weights, on TPU v5e-16:")
-        say(_indent(format_plan(memory_plan(real, mesh, jnp.float8_e4m3fn, batch=8, context=32768, hbm_per_device=hbm)), 8))
-        say("")
-
-        say("5/5 chat")
-        requests = [
-            ("reasoning off", [{"role": "user", "content": "What is the capital of France?"}], "none", None),
-            ("reasoning_effort=high", [{"role": "user", "content": "Is 97 a prime number?"}], "high", None),
-        ]
-        if vision:
-            requests.append(("with an image", [{"role": "user", "content": [
-                {"type": "image", "image": demo_image()}, {"type": "text", "text": "What is in this picture?"}]}],
-                "none", "image"))
-        else:
-            say("    (this checkpoint has no vision tower loaded: the image request is skipped)")
-        for label, messages, effort, _ in requests:
-            t = time.perf_counter()
-            result = model.chat(messages, reasoning_effort=effort, max_new_tokens=max_new_tokens)
-            dt = time.perf_counter() - t
-            say(f"  [{label}] prompt {result.prompt_tokens} tokens -> {result.completion_tokens} tokens "
-                f"({result.finish_reason}) in {dt:.1f} s (first call of a shape includes compilation)")
-            if result.reasoning:
-                say(f"    reasoning: {result.reasoning[:200]!r}")
-            say(f"    content:   {result.content[:200]!r}")
-        say(f"\ndone in {time.perf_counter() - t_all:.1f} s")
-        return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        result = model.chat(messages, reasoning_effort=effort, max_new_tokens=max_new_tokens)
+        dt = time.perf_counter() - t
+        say(f"  [{label}] prompt {result.prompt_tokens} tokens -> {result.completion_tokens} tokens "
+            f"({result.finish_reason}) in {dt:.1f} s (first call of a shape includes compilation)")
+        if result.reasoning:
+            say(f"    reasoning: {result.reasoning[:200]!r}")
+        say(f"    content:   {result.content[:200]!r}")
+    say(f"\ndone in {time.perf_counter() - t_all:.1f} s. What the demo made is kept in {workdir}/ "
+        f"({_MARKER} says what is there). Next:")
+    ckpt = shlex.quote(dst)
+    say(f"    mistral4-jax inspect {ckpt}")
+    say(f"    mistral4-jax generate --checkpoint {ckpt} --prompt 'What is the capital of France?' "
+        f"--reasoning-effort none --max-new-tokens {max_new_tokens}")
+    say(f"    python -c \"import mistral4_jax; m = mistral4_jax.load({dst!r}, dtype='bfloat16'); "
+        f"print(m.chat([{{'role': 'user', 'content': 'Hello'}}], max_new_tokens=16).content)\"")
+    return 0
 
 
 def _size(path: str) -> str:
@@ -259,9 +286,12 @@ def _indent(text: str, n: int = 4) -> str:
 
 
 def add_demo(sub: Any, subcommand: Any) -> None:
-    p = subcommand(sub, "demo", help="run the whole pipeline on a small random model (offline, a few minutes on CPU)")
-    p.add_argument("--workdir", default=None, help="keep the checkpoints here (default: a temporary directory)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p = subcommand(sub, "demo", help=f"run the whole pipeline on a small random model (offline; {DEMO_TIME} on a "
+                                     "2-core CPU); its checkpoints stay in --workdir")
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                   help=f"where the demo writes hf/ and converted/ and keeps them (default: ./{DEFAULT_WORKDIR}); "
+                        "new, empty or an earlier demo's")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="per chat answer (default 24)")
     p.set_defaults(run=lambda args: run(args.workdir, args.max_new_tokens))
 
 

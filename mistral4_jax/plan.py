@@ -38,7 +38,7 @@ def parse_bytes(text: str) -> int:
     """"16GiB", "80GB", "1.5 TiB", "123" -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"--hbm: cannot read {text!r} as a size (e.g. 16GiB, 80GB)")
+        raise ValueError(f"cannot read {text!r} as a size (e.g. 16GiB, 80GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

@@ -16,32 +16,70 @@ import sys
 import time
 from typing import Any
 
+from .api import DTYPES
+from .plan import parse_bytes
+from .sampling import SamplingParams
+from .chat import REASONING_EFFORTS
+
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------- options
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def memory_size(text: str) -> int:
+    """argparse type: "16GiB", "80GB", "1.5 TiB", "123" -> bytes."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="converted checkpoint (or HF directory)")
-    p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16, float8_e4m3fn "
-                   "(default: the checkpoint's; float32 for HF directories)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights dtype (default: the checkpoint's; float32 for HF directories)")
     p.add_argument("--mesh", default=None, help="e.g. data=1,expert=4,tensor=2 (one axis may be -1); default one device")
     p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unroll"],
                    help="scan (compile time flat in depth), unroll (much faster on CPU) or auto "
                         "(unroll on CPU without a mesh, else scan; the default)")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods)")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT")
-    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--num-processes", type=positive_int, default=None)
     p.add_argument("--process-id", type=int, default=None)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reasoning-effort", default=None, help="none or high")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    """Sampling options; `check_sampling` (run before anything is loaded) checks their ranges."""
+    p.add_argument("--reasoning-effort", default=None, choices=REASONING_EFFORTS,
+                   help="think first (high) or not (none); default: the tokenizer's (none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="at most this many tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (the default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off (the default)")
+    p.add_argument("--min-p", type=float, default=0.0, help="in [0, 1); 0 = off (the default)")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**32) (default 0)")
+    p.set_defaults(check=check_sampling)
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """ValueError naming the option when a sampling option is out of range (a usage error: exit status 2)."""
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as e:  # "top_k must be ..." -> "--top-k must be ..."
+        name, rest = str(e).split(" ", 1)
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
 
 
 def init_distributed(args: argparse.Namespace) -> None:
@@ -81,25 +119,28 @@ from .distributed import is_main_process  # noqa: E402  (host 0 alone prints and
 # ------------------------------------------------------------------------------------------ plan
 def add_plan(sub: Any, subcommand: Any) -> None:
     p = subcommand(sub, "plan", help="memory per device for weights and KV cache on a mesh (nothing allocated)")
-    p.add_argument("--config", required=True, help="configs/<name>.json, an HF config.json or a checkpoint directory")
+    p.add_argument("--config", required=True,
+                   help="a bundled config name (mistral-small-4-119b, small, tiny), a config .json file (ours or "
+                        "HF's) or a converted checkpoint directory")
     p.add_argument("--mesh", default="data=1,expert=1,tensor=1")
-    p.add_argument("--devices", type=int, default=None, help="device count for a -1 axis (default: this machine's)")
-    p.add_argument("--dtype", default="bfloat16", help="weights: float32, bfloat16, float8_e4m3fn")
-    p.add_argument("--cache-dtype", default=None, help="KV cache dtype (default bfloat16 for FP8 weights, else the weights')")
-    p.add_argument("--context", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--hbm", default=None, help="memory per device, e.g. 16GiB; prints what fits")
+    p.add_argument("--devices", type=positive_int, default=None, help="device count for a -1 axis (default: this machine's)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weights (default bfloat16)")
+    p.add_argument("--cache-dtype", default=None, choices=sorted(DTYPES),
+                   help="KV cache dtype (default bfloat16 for FP8 weights, else the weights')")
+    p.add_argument("--context", type=positive_int, default=8192)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--hbm", default=None, type=memory_size, help="memory per device, e.g. 16GiB; prints what fits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from mistral4_jax import Mistral4Config
+    from mistral4_jax import Mistral4Config, configs
     from mistral4_jax.api import resolve_dtype
-    from mistral4_jax.plan import format_plan, memory_plan, parse_bytes
+    from mistral4_jax.plan import format_plan, memory_plan
     from mistral4_jax.sharding import parse_mesh
 
-    path = args.config
+    path = configs.resolve(args.config)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
         from mistral4_jax import checkpoint
 
@@ -108,7 +149,7 @@ def run_plan(args: argparse.Namespace) -> int:
         cfg = Mistral4Config.from_json(path)
     mesh = parse_mesh(args.mesh, args.devices)
     plan = memory_plan(cfg, mesh, resolve_dtype(args.dtype), resolve_dtype(args.cache_dtype) if args.cache_dtype else None,
-                       args.batch, args.context, parse_bytes(args.hbm) if args.hbm else None)
+                       args.batch, args.context, args.hbm)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
     return 0
 
@@ -123,8 +164,21 @@ def add_generate(sub: Any, subcommand: Any) -> None:
     p.add_argument("--image", action="append", default=[], help="image file for --prompt (repeatable)")
     p.add_argument("--input", default=None, help="requests.jsonl: one chat request per line")
     p.add_argument("--output", default=None, help="results.jsonl (with --input)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per device batch in --input mode")
-    p.set_defaults(run=run_generate)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="requests per device batch in --input mode")
+    p.set_defaults(run=run_generate, check=check_generate)
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    """Usage errors of `generate` (ValueError naming the options), found before anything is loaded."""
+    if bool(args.prompt) == bool(args.input):
+        raise ValueError("give exactly one of --prompt or --input")
+    if args.input and not args.output:
+        raise ValueError("--input needs --output")
+    if args.output and not args.input:
+        raise ValueError("--output goes with --input (with --prompt the answer streams to the terminal)")
+    if args.input and (args.image or args.system):
+        raise ValueError("--image and --system go with --prompt (with --input, each request carries its messages)")
+    check_sampling(args)
 
 
 def _user_message(text: str, images: list[str]) -> dict[str, Any]:
@@ -141,13 +195,10 @@ def _messages(args: argparse.Namespace, text: str) -> list[dict[str, Any]]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if bool(args.prompt) == bool(args.input):
-        raise ValueError("give exactly one of --prompt or --input")
-    if args.input and not args.output:
-        raise ValueError("--input needs --output")
-    model = load_model(args)
     if args.input:
-        return _batch(model, args)
+        requests = read_requests(args)  # a bad file fails here, before the model loads
+        return write_results(load_model(args), requests, args)
+    model = load_model(args)
     _stream_answer(model, _messages(args, args.prompt), args)
     return 0
 
@@ -189,16 +240,41 @@ def _report(tokens: int, seconds: float, finish: str, extra: str = "") -> None:
               file=sys.stderr)
 
 
-def _batch(model: Any, args: argparse.Namespace) -> int:
+def read_requests(args: argparse.Namespace) -> list[Any]:
+    """The checked lines of --input (`batch.parse`); each bad line is reported on stderr now.
+    ValueError when there is nothing to run (an empty file, or no valid line)."""
     from mistral4_jax import batch
 
     with open(args.input) as f:
         lines = f.read().splitlines()
     defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed}
-    if args.reasoning_effort:
-        defaults["reasoning_effort"] = args.reasoning_effort
-    results = list(batch.run(model, lines, defaults, args.batch_size))
+                "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed, "reasoning_effort": args.reasoning_effort}
+    parsed = batch.parse(lines, defaults, source=args.input)
+    if not parsed:
+        raise ValueError(f"{args.input}: no requests (the file is {'empty' if not lines else 'blank'}): "
+                         "expected one JSON chat request per line")
+    errors = [p.error for p in parsed if p.error is not None]
+    for e in errors[:MAX_REPORTED]:
+        print(f"mistral4-jax generate: {e}", file=sys.stderr)
+    if len(errors) > MAX_REPORTED:
+        print(f"mistral4-jax generate: ... and {len(errors) - MAX_REPORTED} more bad lines", file=sys.stderr)
+    if len(errors) == len(parsed):
+        raise ValueError(f"{args.input}: none of its {len(parsed)} requests is valid (see above); nothing to run")
+    if errors:
+        print(f"mistral4-jax generate: {len(errors)} of {len(parsed)} requests are invalid; their results will "
+              "carry the error", file=sys.stderr)
+    return parsed
+
+
+MAX_REPORTED = 10
+"""Bad --input lines printed one by one before the model loads; the rest are counted."""
+
+
+def write_results(model: Any, requests: list[Any], args: argparse.Namespace) -> int:
+    """Serve the checked requests and write one result per line to --output (host 0 only)."""
+    from mistral4_jax import batch
+
+    results = list(batch.serve(model, requests, args.batch_size))
     if is_main_process():
         tmp = args.output + ".tmp"
         with open(tmp, "w") as f:

@@ -54,7 +54,7 @@ def test_jsonl_batch_keeps_order_ids_and_reports_bad_lines(model):
         json.dumps({"id": "g", "messages": [{"role": "user", "content": "Hello"}], "bogus": 1}),
     ]
     out = list(batch.run(model, lines, {"max_new_tokens": 4}, batch_size=2))
-    assert [r["id"] for r in out] == ["a", 2, "c", "d", "e", 7, "g"]
+    assert [r["id"] for r in out] == ["a", "2", "c", "d", "e", "7", "g"]  # default ids take the type of the others
     assert "not valid JSON" in out[1]["error"]
     assert "messages" in out[2]["error"]
     assert "reasoning_effort" in out[3]["error"]

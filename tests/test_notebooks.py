@@ -1,24 +1,162 @@
-"""Every notebook runs end to end (CPU, the demo's small model), so a notebook that breaks fails CI."""
+"""The first hour: `mistral4-jax demo` and every notebook, run end to end (CPU, the demo's small model).
+
+Each notebook runs on 1 device (JAX already started with the one device there is, as on a one-GPU
+runtime) and on 8 (convert_and_shard simulates them itself, as on a CPU runtime); the tests check what
+the notebooks print. The demo and the notebook kernels share one persistent compilation cache, so a
+program compiled once (the demo model's chat, say) is not compiled again in the next process.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import subprocess
+import sys
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 from helpers import REPO
+from mistral4_jax import cli, configs, demo
 
 NOTEBOOKS = sorted(n for n in os.listdir(os.path.join(REPO, "notebooks")) if n.endswith(".ipynb"))
+DEVICES = (1, 8)
+PRELUDE_1 = "import jax; jax.devices()  # JAX starts on the one CPU device: the notebook cannot simulate more"
+PRELUDE_8 = "import jax; jax.config.update('jax_num_cpu_devices', 8)  # a runtime with 8 devices"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    nb = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    assert len(NOTEBOOKS) >= 2
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of the demo and kernel processes: CPU, one shared persistent compilation cache."""
+    cache = tmp_path_factory.mktemp("jax-cache")
+    extra = {"JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg", "JAX_COMPILATION_CACHE_DIR": str(cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    with pytest.MonkeyPatch.context() as mp:  # kernels inherit the environment of this process
+        for k, v in extra.items():
+            mp.setenv(k, v)
+        yield dict(os.environ)
+
+
+@pytest.fixture(scope="module")
+def executed(env, tmp_path_factory):
+    """(notebook, devices) -> the text each code cell printed, one string per cell (run once, on demand)."""
+    runs: dict[tuple[str, int], list[str]] = {}
+
+    def run(name: str, devices: int) -> list[str]:
+        if (name, devices) not in runs:
+            nb = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
+            simulates = any("jax_num_cpu_devices" in c.source for c in nb.cells)
+            prelude = PRELUDE_1 if devices == 1 else None if simulates else PRELUDE_8
+            if prelude:
+                nb.cells.insert(0, nbformat.v4.new_code_cell(prelude))
+            cwd = tmp_path_factory.mktemp(name.split(".")[0])
+            NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+            code = [c for c in nb.cells if c.cell_type == "code"][1 if prelude else 0:]
+            assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+            runs[name, devices] = ["".join(o.text for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
+                                   for c in code]
+        return runs[name, devices]
+
+    return run
+
+
+def test_every_notebook_is_tested():
+    assert NOTEBOOKS == ["convert_and_shard.ipynb", "quickstart.ipynb"]
+
+
+# --------------------------------------------------------------------------------------------- demo
+def test_demo_keeps_its_workdir_and_the_next_steps_load_it(env, tmp_path):
+    """`mistral4-jax demo --workdir DIR` leaves hf/ and converted/ in DIR and names it; a new process loads
+    DIR/converted (the README's next step) and gives the demo's first answer again."""
+    work = tmp_path / "my-demo"
+    proc = subprocess.run([sys.executable, "-m", "mistral4_jax.cli", "demo", "--workdir", str(work)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"kept in {work}/" in proc.stdout
+    assert sorted(os.listdir(work)) == ["MISTRAL4_DEMO.txt", "converted", "hf"]
+    first = re.search(r"\[reasoning off\].*\n    content:   (.*)\n", proc.stdout).group(1)
+    code = ("import mistral4_jax, sys; m = mistral4_jax.load(sys.argv[1], dtype='bfloat16'); "
+            "print(repr(m.chat([{'role': 'user', 'content': 'What is the capital of France?'}], "
+            "reasoning_effort='none', max_new_tokens=24).content[:200]))")
+    again = subprocess.run([sys.executable, "-c", code, str(work / "converted")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.strip() == first and len(first) > 10
+
+
+def test_demo_refuses_a_directory_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["demo", "--workdir", str(tmp_path)]) == 1
+    assert "holds files that the demo did not write" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    assert demo.DEFAULT_WORKDIR == "mistral4-demo"
+
+
+# ---------------------------------------------------------------------------------------- notebooks
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+@pytest.mark.parametrize("devices", DEVICES)
+def test_quickstart(executed, devices):
+    out = executed("quickstart.ipynb", devices)
+    load, chat, image, preprocessing, experts = (o for o in out if o)
+    assert re.search(rf"on cpu: {devices} device\(s\)$", load, re.M)
+    assert re.search(r"^[\d,]+ parameters; vision tower: True$", load, re.M)
+    answers = re.findall(r"^reasoning_effort=(\w+): (\d+) prompt tokens -> (\d+) tokens in", chat, re.M)
+    assert [a[0] for a in answers] == ["none", "high"] and all(0 < int(a[2]) <= 24 for a in answers)
+    # the picture is 200x140: each side rounded up to a multiple of 28 px (patch 14 x merge 2)
+    w, h = demo.demo_image().size
+    rows, cols = math.ceil(h / 28), math.ceil(w / 28)
+    assert preprocessing == f"model input {28 * cols}x{28 * rows} px: {rows}x{cols} [IMG] tokens\n"
+    image_prompt = int(re.match(r"(\d+) prompt tokens \(image included\)", image).group(1))
+    assert image_prompt > rows * (cols + 1)  # [IMG] per patch, [IMG_BREAK]/[IMG_END] per row, then the text
+    tokens, k, per_layer = re.match(r"(\d+) tokens x top-(\d+): \[([\d, ]+)\] expert choices per layer", experts).groups()
+    layers = demo.DEMO_TEXT["num_hidden_layers"]
+    assert [int(c) for c in per_layer.split(",")] == [int(tokens) * int(k)] * layers  # k experts per token per layer
+
+
+def test_quickstart_prints_the_same_on_1_and_8_devices(executed):
+    """Greedy answers, token counts and routing do not depend on how many devices the runtime has."""
+    def strip(out: list[str]) -> list[str]:
+        return [re.sub(r"\d+ device\(s\)|in [\d.]+ s", "", o) for o in out]
+
+    assert strip(executed("quickstart.ipynb", 1)) == strip(executed("quickstart.ipynb", 8))
+
+
+@pytest.mark.parametrize("devices", DEVICES)
+def test_convert_and_shard(executed, devices):
+    out = executed("convert_and_shard.ipynb", devices)
+    setup, inspect, plans, parity, greedy = (o for o in out if o)
+    assert setup == f"cpu: {devices} device(s)\n"
+    assert re.search(r"^dtype +bfloat16$", inspect, re.M)
+    assert re.search(rf"^vision +{demo.DEMO_VISION['num_hidden_layers']} layers \+ projector", inspect, re.M)
+
+    # the real model's plans, checked against the config file and the plan's own arithmetic
+    real = json.load(open(configs.resolve("mistral-small-4-119b")))
+    kv_token = real["num_hidden_layers"] * (real["kv_lora_rank"] + real["qk_rope_head_dim"]) * 2  # bf16 cache
+    found = re.findall(r"parameters +([\d.]+) B \(([\d.]+) GiB in all\)\nweights per device +([\d.]+) GiB\n"
+                       r"KV cache per token +([\d,]+) bytes.*\nKV per device +([\d.]+) GiB for batch 8 x context 32768\n"
+                       r"memory per device +([\d.]+) GiB -> (fits|does NOT fit)", plans)
+    assert len(found) == 2
+    for (params, total, weights, kv, kv_device, hbm, fits), chips in zip(found, (16, 8)):
+        assert 118.5 <= float(params) <= 119.5  # Mistral-Small-4-119B
+        assert float(total) / chips <= float(weights) <= float(total)
+        assert _number(kv) == kv_token
+        assert float(kv_device) == pytest.approx(8 * 32768 * kv_token / 2**30, abs=1e-3)
+        assert (fits == "fits") == (float(weights) + float(kv_device) <= 0.9 * float(hbm))  # 10% reserve
+
+    # the sharded model against one device, on every mesh the devices allow
+    lines = re.findall(r"^(data=(\d+),expert=(\d+),tensor=(\d+)): max \|Δlogit\| = (\S+); experts per device (\d+) of (\d+)$",
+                       parity, re.M)
+    expected = (["data=1,expert=8,tensor=1", "data=1,expert=4,tensor=2", "data=2,expert=2,tensor=2"] if devices == 8
+                else ["data=1,expert=1,tensor=1"])
+    assert [line[0] for line in lines] == expected
+    for spec, data, expert, tensor, diff, per_device, experts in lines:
+        assert int(data) * int(expert) * int(tensor) == devices
+        assert float(diff) <= 1e-4
+        assert int(per_device) * int(expert) == int(experts) == 16
+    assert greedy == f"greedy tokens on {expected[-1]} equal to one device: True\n"
