@@ -112,9 +112,11 @@ class CompiledFn:
         if exe is None:
             t0 = time.perf_counter()
             finished = self._announce(f"compiling {self._describe(*args)} (first use of this shape)")
-            exe = self._compiled[key] = self._jit.lower(*args).compile()
-            self.compiles += 1
-            finished(time.perf_counter() - t0)
+            try:
+                exe = self._compiled[key] = self._jit.lower(*args).compile()
+                self.compiles += 1
+            finally:
+                finished(time.perf_counter() - t0)
         return exe
 
     def __call__(self, *args: Any) -> Any:
@@ -135,11 +137,12 @@ class Generator:
             self._prefill_impl, lambda p, ids, m, cache, *a: f"prefill for batch {ids.shape[0]} x {ids.shape[1]} tokens, "
             f"{_cache_len(cache)}-slot cache", self._announce, donate_argnames=("cache",))
         self._extend = CompiledFn(
-            self._extend_impl, lambda p, cache, ids, *a: f"chat prefill for {ids.shape[1]}-token chunks, "
-            f"{_cache_len(cache)}-slot cache", self._announce, donate_argnames=("cache",))
+            self._extend_impl, lambda p, cache, ids, n, i, tokens, *a: f"chat prefill for {ids.shape[1]}-token chunks, "
+            f"{_cache_len(cache)}-slot cache, {tokens.shape[1]} new tokens", self._announce, donate_argnames=("cache",))
         self._decode = CompiledFn(
-            self._decode_impl, lambda p, st, *a: f"decode loop for batch {st['tokens'].shape[0]}, "
-            f"{_cache_len(st['cache'])}-slot cache", self._announce, donate_argnames=("state",))
+            self._decode_impl, lambda p, st, *a: f"decode loop for batch {st['tokens'].shape[0]} x "
+            f"{st['tokens'].shape[1]} new tokens, {_cache_len(st['cache'])}-slot cache", self._announce,
+            donate_argnames=("state",))
         self._grow = CompiledFn(
             self._grow_impl, lambda old, new: f"cache growth from {_cache_len(old)} to {_cache_len(new)} slots",
             self._announce, donate_argnames=("new",))
@@ -243,13 +246,13 @@ class Generator:
     def extend(self, cache: dict[str, Any], ids: np.ndarray, n: int, index: int, tokens: np.ndarray,
                settings: tuple[Any, ...], image_features: Any = None) -> dict[str, Any]:
         """Prefill chunk ids [B, C] (n real tokens, then padding) at cache slot `index` (see `_extend_impl`).
-        settings = (sampling arrays, seeds, stop ids, max_new) as `_settings` makes them. Returns the decode
+        settings = (sampling arrays, seeds, stop ids, max_new) as `settings` makes them. Returns the decode
         state; its "cache" holds the chunk (the given cache is consumed)."""
         return self._extend(self.model.params, cache, ids, np.int32(n), np.int32(index), tokens, *settings,
                             image_features)
 
     @staticmethod
-    def _settings(requests: Sequence[Request], stop_token_ids: Sequence[int]) -> tuple[Any, ...]:
+    def settings(requests: Sequence[Request], stop_token_ids: Sequence[int]) -> tuple[Any, ...]:
         """(sampling arrays, seeds [B], stop ids [S], max_new [B]) as numpy arrays for the jitted functions.
         The stop ids are padded with -1 (never a token) to a power of two ≥ 8, so their number rarely
         recompiles; no stop ids: the rows stop only on their budgets."""
@@ -326,7 +329,7 @@ class Generator:
         for i, p in enumerate(prompts):
             ids[i, tp - len(p):] = p
             mask[i, tp - len(p):] = 1
-        settings = self._settings(requests, stop_token_ids)
+        settings = self.settings(requests, stop_token_ids)
         features = self.model.request_image_features([r.prompt for r in requests], [r.images for r in requests]) \
             if any(len(r.images) for r in requests) else None
         state = self._prefill(self.model.params, ids, mask, self.new_cache(b, tp + n), np.zeros((b, n), np.int32),

@@ -98,7 +98,7 @@ def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
     assert cli.main(["chat", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "no such image file" in err and "missing.png" in err
-    assert err.count("compiling decode loop for batch 1, 256-slot cache") == 1
+    assert err.count("compiling decode loop for batch 1 x 16 new tokens, 256-slot cache") == 1
     assert "prefilled" in err and "cached" in err
     (session,) = sessions
     model, last = session.model, session.last_result

@@ -57,8 +57,8 @@ def test_second_turn_prefills_only_its_tokens_and_compiles_nothing(pair, monkeyp
     assert (first.prompt_tokens, first.cached_tokens, sum(prefilled)) == (len(ids1), 0, len(ids1))
     assert len(prefilled) == 2  # 22 tokens in chunks of 16
     err = capsys.readouterr().err
-    assert err.count("compiling chat prefill for 16-token chunks, 64-slot cache") == 1
-    assert err.count("compiling decode loop for batch 1, 64-slot cache") == 1
+    assert err.count("compiling chat prefill for 16-token chunks, 64-slot cache, 16 new tokens") == 1
+    assert err.count("compiling decode loop for batch 1 x 16 new tokens, 64-slot cache") == 1
 
     compiled, ours, prefilled[:] = len(COMPILED), model.generator.compiles, []
     second = chat.send("How are you?")

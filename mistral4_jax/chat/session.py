@@ -137,7 +137,7 @@ class ChatSession:
             cache = gen.new_cache(1, size)
         elif size > cache["valid"].shape[1]:
             cache = gen.grow(cache, size)
-        settings = gen._settings([self.request], self.stop_token_ids)
+        settings = gen.settings([self.request], self.stop_token_ids)
         tokens = np.zeros((1, bucket(max_new)), np.int32)
         img = model.vision_config.image_token_index if model.has_vision else -1
         state: Any = None
