@@ -1,4 +1,4 @@
-"""`mistral4-jax demo`: the whole pipeline on an embedded default, offline, in a few minutes on a CPU.
+"""`mistral4-jax demo`: the whole pipeline on an embedded default, offline, in about 50 s on a 2-core CPU.
 
 1. Writes a small Mistral 4 checkpoint in HF format (multimodal names, bf16): the real architecture
    (MLA with q/kv LoRA, YaRN, 128-way-style routed experts at reduced count, shared expert, Pixtral
@@ -7,7 +7,8 @@
 2. Converts it with the converter, 3. loads it, 4. prints the memory plan, 5. answers three chat
    requests: reasoning off, `reasoning_effort="high"`, and one with an image.
 
-The weights are random, so the answers are gibberish: the demo shows that every piece runs.
+The weights are random, so the answers are gibberish: the demo shows that every piece runs. What it
+writes stays in its working directory (`./mistral4-demo` by default) for the next steps it prints.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ def demo_image() -> Any:
     return img
 
 
-DEMO_TIME = "about a minute"
-"""The demo's wall time on the development machine (2-core CPU; see the README), quoted by --help."""
+DEMO_TIME = "about 50 s"
+"""The demo's wall time on the development machine (2-core CPU), quoted by --help and the README."""
 
 DEFAULT_WORKDIR = "mistral4-demo"
 """Where `mistral4-jax demo` keeps what it makes (relative to the current directory)."""
@@ -286,8 +287,9 @@ def _indent(text: str, n: int = 4) -> str:
 
 
 def add_demo(sub: Any, subcommand: Any) -> None:
-    p = subcommand(sub, "demo", help=f"run the whole pipeline on a small random model (offline; {DEMO_TIME} on a "
-                                     "2-core CPU); its checkpoints stay in --workdir")
+    about = (f"run the whole pipeline on a small random model (offline; {DEMO_TIME} on a 2-core CPU); its "
+             "checkpoints stay in --workdir")
+    p = subcommand(sub, "demo", help=about, description=about[0].upper() + about[1:] + ".")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                    help=f"where the demo writes hf/ and converted/ and keeps them (default: ./{DEFAULT_WORKDIR}); "
                         "new, empty or an earlier demo's")

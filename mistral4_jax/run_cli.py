@@ -240,6 +240,10 @@ def _report(tokens: int, seconds: float, finish: str, extra: str = "") -> None:
               file=sys.stderr)
 
 
+MAX_REPORTED = 10
+"""Bad --input lines printed one by one before the model loads; the rest are counted."""
+
+
 def read_requests(args: argparse.Namespace) -> list[Any]:
     """The checked lines of --input (`batch.parse`); each bad line is reported on stderr now.
     ValueError when there is nothing to run (an empty file, or no valid line)."""
@@ -264,10 +268,6 @@ def read_requests(args: argparse.Namespace) -> list[Any]:
         print(f"mistral4-jax generate: {len(errors)} of {len(parsed)} requests are invalid; their results will "
               "carry the error", file=sys.stderr)
     return parsed
-
-
-MAX_REPORTED = 10
-"""Bad --input lines printed one by one before the model loads; the rest are counted."""
 
 
 def write_results(model: Any, requests: list[Any], args: argparse.Namespace) -> int:
