@@ -80,9 +80,16 @@ from .distributed import is_main_process  # noqa: E402  (host 0 alone prints and
 
 # ------------------------------------------------------------------------------------------ plan
 def add_plan(sub: Any, subcommand: Any) -> None:
-    p = subcommand(sub, "plan", help="memory per device for weights and KV cache on a mesh (nothing allocated)")
+    p = subcommand(sub, "plan", help="memory per device for weights and KV cache on a mesh (nothing allocated); "
+                   "with --compile, compile for a TPU topology or GPUs and report the compiler's figures",
+                   epilog="--compile TARGET: a TPU slice (v5e-4, v5e-16, v5e-256, v5p-8, v6e-8, v4-8, or a topology "
+                          "such as v5e:2x2) or NxGPU (8xH200, 8xH100). Compiles one decode step and one prefill chunk "
+                          "with abstract weights and cache (nothing allocated) and prints per chip the compiler's "
+                          "memory against the chip's, collectives, compile time and a roofline. TPU targets need "
+                          "`pip install 'mistral4-jax[tpu-aot]'`, GPU targets `pip install 'mistral4-jax[gpu-aot]'`.")
     p.add_argument("--config", required=True, help="configs/<name>.json, an HF config.json or a checkpoint directory")
-    p.add_argument("--mesh", default="data=1,expert=1,tensor=1")
+    p.add_argument("--mesh", default=None, help="e.g. expert=8,tensor=2 (default: one device; with --compile, "
+                   "experts over up to 8 chips, then tensor=2, the rest data)")
     p.add_argument("--devices", type=int, default=None, help="device count for a -1 axis (default: this machine's)")
     p.add_argument("--dtype", default="bfloat16", help="weights: float32, bfloat16, float8_e4m3fn")
     p.add_argument("--cache-dtype", default=None, help="KV cache dtype (default bfloat16 for FP8 weights, else the weights')")
@@ -90,6 +97,15 @@ def add_plan(sub: Any, subcommand: Any) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--hbm", default=None, help="memory per device, e.g. 16GiB; prints what fits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--compile", default=None, metavar="TARGET", help="compile for this TPU topology or GPU target")
+    p.add_argument("--compute-dtype", default="bfloat16", help="with --compile: activations dtype")
+    p.add_argument("--chunk", type=int, default=None, help="with --compile: prefill chunk tokens (default min(context, 4096))")
+    p.add_argument("--steps", default="decode,prefill", help="with --compile: decode, prefill or both")
+    p.add_argument("--layers", type=int, default=None, help="with --compile: compile a model of this depth")
+    p.add_argument("--layer-loop", default="scan", choices=["scan", "unroll"],
+                   help="with --compile: scan (as it runs; flops and collectives from 1- and 2-layer unrolled "
+                        "compiles) or unroll (one compile; slow for deep models)")
+    p.add_argument("--no-cost", action="store_true", help="with --compile: memory only (skip the unrolled compiles)")
     p.set_defaults(run=run_plan)
 
 
@@ -99,17 +115,24 @@ def run_plan(args: argparse.Namespace) -> int:
     from mistral4_jax.plan import format_plan, memory_plan, parse_bytes
     from mistral4_jax.sharding import parse_mesh
 
-    path = args.config
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
-        from mistral4_jax import checkpoint
-
-        cfg = checkpoint.read_config(path)
-    else:
-        cfg = Mistral4Config.from_json(path)
-    mesh = parse_mesh(args.mesh, args.devices)
+    if args.compile:
+        return _run_compile(args)
+    cfg = Mistral4Config.from_json(args.config)  # a config file, an HF directory or a converted checkpoint
+    mesh = parse_mesh(args.mesh or "data=1,expert=1,tensor=1", args.devices)
     plan = memory_plan(cfg, mesh, resolve_dtype(args.dtype), resolve_dtype(args.cache_dtype) if args.cache_dtype else None,
                        args.batch, args.context, parse_bytes(args.hbm) if args.hbm else None)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 0
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from mistral4_jax.aot import compile_plan, format_compiled
+
+    plan = compile_plan(args.config, args.compile, mesh=args.mesh, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                        cache_dtype=args.cache_dtype, batch=args.batch, context=args.context, chunk=args.chunk,
+                        steps=[s.strip() for s in args.steps.split(",") if s.strip()], layers=args.layers,
+                        layer_loop=args.layer_loop, cost=not args.no_cost)
+    print(json.dumps(plan.to_dict()) if args.json else format_compiled(plan))
     return 0
 
 
