@@ -48,7 +48,7 @@ def case_record(plan, step) -> dict:
         rec["error"] = step.error
     else:
         rec.update(memory_gib=_gib(step.total_bytes), argument_gib=_gib(step.argument_bytes), temp_gib=_gib(step.temp_bytes),
-                   output_gib=_gib(step.output_bytes), alias_gib=_gib(step.alias_bytes), weights_gib=_gib(step.weight_bytes),
+                   output_gib=_gib(step.output_bytes), alias_gib=_gib(step.alias_bytes), weights_gib=_gib(plan.weight_bytes),
                    plan_weights_gib=_gib(plan.plan_weight_bytes))
     if step.reads_expected is not None:
         rec.update(must_read_gib=_gib(step.reads_expected), must_read_worst_gib=_gib(step.reads_worst))

@@ -17,8 +17,8 @@ What the figures are (all per device):
   runs (layer groups stacked under `lax.scan`), against the chip's memory. The TPU compiler refuses a
   program that does not fit (RESOURCE_EXHAUSTED); that is reported as "does not fit" with its figure. A
   GPU compiler does not check: there "fits" compares the total with the card's memory.
-- weights: the argument bytes less the cache and token inputs (their shard sizes); `plan.memory_plan`
-  computes the same from shapes alone, and the two should agree.
+- weights: the compiler's argument bytes of the parameters alone (a program that takes them and
+  returns a constant); `plan.memory_plan` computes the same from shapes alone, and the two should agree.
 - flops, bytes accessed, collectives: XLA counts a loop body once, so the scanned program shows one
   layer. These figures come from two more compiles with the layers unrolled, at one and two layers per
   group: total = one-layer program + (layers - 1) x (two-layer - one-layer program); with
@@ -49,7 +49,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import model as M
@@ -241,7 +240,6 @@ class StepFigures:
     temp_bytes: int | None = None
     code_bytes: int | None = None
     total_bytes: int | None = None  # arguments + outputs - aliased + temporaries + code
-    weight_bytes: int | None = None  # argument bytes of the parameters
     flops: float | None = None  # all layers (see module docstring)
     bytes_accessed: float | None = None
     cost_exact: bool | None = None  # False: a loop inside a layer was counted once (lower bounds)
@@ -268,6 +266,7 @@ class CompiledPlan:
     cache_dtype: str
     layers: int
     layer_loop: str
+    weight_bytes: int  # the compiler's argument bytes of the parameters per device
     plan_weight_bytes: int  # plan.memory_plan's weights per device (abstract shapes)
     steps: list[StepFigures]
     jax_version: str = jax.__version__
@@ -307,8 +306,8 @@ def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype,
 
 
 def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, cache_dtype: Any, batch: int, tokens: int,
-              context: int, decode: bool, unrolled: bool) -> tuple[Any, int, int, float]:
-    """Compile one step: (compiled or the RESOURCE_EXHAUSTED message, param bytes, other input bytes, seconds)."""
+              context: int, decode: bool, unrolled: bool) -> tuple[Any, float]:
+    """Compile one step: (the compiled program or the compiler's RESOURCE_EXHAUSTED message, seconds)."""
     params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype))
     if unrolled:
         params = _unstacked(params)
@@ -327,13 +326,7 @@ def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, ca
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         compiled = " ".join(str(e).split())
-    seconds = time.perf_counter() - t0
-    return compiled, _shard_bytes(params), _shard_bytes((cache, ids, ids, index)), seconds
-
-
-def _shard_bytes(tree: Any) -> int:
-    """Bytes of one device's shard of every abstract array in `tree`."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+    return compiled, time.perf_counter() - t0
 
 
 _COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(all-reduce|all-gather|all-to-all|reduce-scatter|"
@@ -403,13 +396,20 @@ def _layer_costs(cfg: Mistral4Config, compile_at: Any) -> tuple[float | None, fl
     return flops, nbytes, collectives, not has_loop, time.perf_counter() - t0
 
 
-def _memory(fig: StepFigures, compiled: Any, param_bytes: int, other_bytes: int) -> None:
+def _memory(fig: StepFigures, compiled: Any) -> None:
     m = compiled.memory_analysis()
     fig.argument_bytes, fig.output_bytes = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
     fig.alias_bytes, fig.temp_bytes = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
     fig.code_bytes = int(m.generated_code_size_in_bytes)
     fig.total_bytes = fig.argument_bytes + fig.output_bytes - fig.alias_bytes + fig.temp_bytes + fig.code_bytes
-    fig.weight_bytes = fig.argument_bytes - other_bytes
+
+
+def _param_argument_bytes(cfg: Mistral4Config, mesh: Any, dtype: Any) -> int:
+    """The compiler's argument bytes per device of the parameters alone (with its padding and layouts):
+    a program that takes them and returns a constant."""
+    params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype))
+    compiled = jax.jit(lambda p: jnp.zeros((), jnp.int32), keep_unused=True).lower(params).compile()
+    return int(compiled.memory_analysis().argument_size_in_bytes)
 
 
 def compile_plan(
@@ -465,6 +465,7 @@ def compile_plan(
         jnp.bfloat16 if M.is_fp8(dtype) else dtype)
     plan = memory_plan(cfg, sizes, dtype, cache_dtype, batch, context)  # also checks the mesh divides the weights
     device_mesh = make_mesh(sizes, devices=target_devices(target))
+    weight_bytes = _param_argument_bytes(cfg, device_mesh, dtype)
     chunk = chunk or min(context, 4096)
     figures = []
     for step in steps:
@@ -472,12 +473,12 @@ def compile_plan(
         tokens, slots = (1, context) if decode else (chunk, max(context, chunk))
         compile_at = functools.partial(_compiled, mesh=device_mesh, dtype=dtype, compute_dtype=compute_dtype,
                                        cache_dtype=cache_dtype, batch=batch, tokens=tokens, context=slots, decode=decode)
-        compiled, param_bytes, other_bytes, seconds = compile_at(cfg, unrolled=layer_loop == "unroll")
+        compiled, seconds = compile_at(cfg, unrolled=layer_loop == "unroll")
         fig = StepFigures(step, batch, tokens, slots, fits=not isinstance(compiled, str), compile_s=round(seconds, 2))
         if isinstance(compiled, str):
             fig.error = compiled
         else:
-            _memory(fig, compiled, param_bytes, other_bytes)
+            _memory(fig, compiled)
             fig.fits = fig.total_bytes <= target.hbm_bytes
         if decode:
             reads = decode_reads(cfg, sizes, dtype, cache_dtype, batch, slots)
@@ -496,7 +497,8 @@ def compile_plan(
         figures.append(fig)
     return CompiledPlan(source, target.name, target.kind, target.chips, target.hbm_bytes, target.hbm_bandwidth,
                         target.peak_flops, sizes, jnp.dtype(dtype).name, jnp.dtype(compute_dtype).name,
-                        jnp.dtype(cache_dtype).name, cfg.num_hidden_layers, layer_loop, plan.weight_bytes_per_device, figures)
+                        jnp.dtype(cache_dtype).name, cfg.num_hidden_layers, layer_loop, weight_bytes,
+                        plan.weight_bytes_per_device, figures)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -508,8 +510,10 @@ def format_compiled(p: CompiledPlan) -> str:
     """A short human-readable report of `compile_plan`'s figures."""
     mesh = ",".join(f"{a}={p.mesh[a]}" for a in MESH_AXES)
     lines = [f"{p.target}: {p.chips} x {p.kind}, {_gib(p.hbm_bytes)} at {p.hbm_bandwidth / 1e9:,.0f} GB/s, "
-             f"{p.peak_flops / 1e12:,.0f} TFLOP/s bf16 per chip · mesh {mesh} · {p.layers} layers ({p.layer_loop}) · weights {p.dtype}, "
-             f"compute {p.compute_dtype}, cache {p.cache_dtype} · jax {p.jax_version}"]
+             f"{p.peak_flops / 1e12:,.0f} TFLOP/s bf16 per chip · mesh {mesh} · {p.layers} layer{'s' * (p.layers != 1)} ({p.layer_loop}) · weights {p.dtype}, "
+             f"compute {p.compute_dtype}, cache {p.cache_dtype} · jax {p.jax_version}",
+             f"weights {_gib(p.weight_bytes)} per chip compiled, {_gib(p.plan_weight_bytes)} in the abstract plan "
+             f"({p.weight_bytes / p.plan_weight_bytes:.3f}x)"]
     for s in p.steps:
         what = f"decode  B={s.batch} x {s.context:,} ctx" if s.step == "decode" else \
             f"prefill B={s.batch} x {s.tokens:,} tokens ({s.context:,}-slot cache)"
@@ -520,8 +524,6 @@ def format_compiled(p: CompiledPlan) -> str:
         lines.append(f"{what}: {verdict}, {_gib(s.total_bytes)} of {_gib(p.hbm_bytes)} per chip (arguments "
                      f"{_gib(s.argument_bytes)}, temporaries {_gib(s.temp_bytes)}, outputs {_gib(s.output_bytes)}, "
                      f"aliased {_gib(s.alias_bytes)}); compiled in {s.compile_s:.1f} s")
-        lines.append(f"    weights {_gib(s.weight_bytes)} per chip (abstract plan {_gib(p.plan_weight_bytes)}, "
-                     f"{s.weight_bytes / p.plan_weight_bytes:.3f}x)")
         if s.reads_expected is not None:
             line = f"    must read per step {_gib(s.reads_expected)} expected, {_gib(s.reads_worst)} worst case"
             if s.bytes_accessed is not None:
