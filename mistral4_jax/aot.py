@@ -343,10 +343,12 @@ def parse_collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
     An async `-start` op's result is a tuple (operands, results[, context]): its results are counted."""
     out: dict[str, tuple[int, int]] = {}
     for shape, kind, start in _COLLECTIVE.findall(hlo_text):
-        arrays = [(t, d) for t, d in _ARRAY.findall(shape) if d and t in _BITS]  # scalars are async contexts
-        if start and kind != "all-reduce" and len(arrays) >= 2:
-            arrays = arrays[len(arrays) // 2:]
-        nbytes = sum(math.prod(int(n) for n in d.split(",")) * _BITS[t] // 8 for t, d in arrays)
+        arrays = [(t, d) for t, d in _ARRAY.findall(shape) if t in _BITS]
+        if start:
+            arrays = [(t, d) for t, d in arrays if d]  # scalars in an async tuple are its context
+            if kind != "all-reduce" and len(arrays) >= 2:
+                arrays = arrays[len(arrays) // 2:]
+        nbytes = sum(math.prod(int(n) for n in d.split(",") if n) * _BITS[t] // 8 for t, d in arrays)
         count, total = out.get(kind, (0, 0))
         out[kind] = (count + 1, total + nbytes)
     return out
