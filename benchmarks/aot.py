@@ -68,9 +68,13 @@ def case_record(plan, step) -> dict:
 
 
 def commit() -> str:
+    """The checked-out commit, with "+dirty" when tracked files differ from it."""
     try:
-        return subprocess.run(["git", "-C", C.REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        git = ["git", "-C", C.REPO]
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -85,6 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: the host's own backend is not used
 
+    code = commit()  # the code that runs is the code at the start
     with C.quiet_stdout():
         from mistral4_jax.aot import compile_plan
 
@@ -106,7 +111,7 @@ def main() -> None:
                     C.log(target, name, f"{time.perf_counter() - t0:.0f} s", record[name])
             except ValueError as e:  # the target's compiler is not installed, or a bad target / mesh
                 record["error"] = str(e)
-            record.update(load_avg=round(os.getloadavg()[0], 2), date=datetime.date.today().isoformat(), commit=commit(),
+            record.update(load_avg=round(os.getloadavg()[0], 2), date=datetime.date.today().isoformat(), commit=code,
                           machine=C.machine(), **C.versions())
             C.emit(record)
 

@@ -40,6 +40,7 @@ import fnmatch
 import functools
 import importlib.metadata
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -56,6 +57,8 @@ from .api import resolve_dtype
 from .config import Mistral4Config
 from .plan import GiB, decode_reads, memory_plan
 from .sharding import MESH_AXES, batch_spec, cache_shardings, make_mesh, param_shardings, parse_mesh
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -319,6 +322,8 @@ def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, ca
     index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     fn = jax.jit(functools.partial(_step, cfg=cfg, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, decode=decode),
                  donate_argnums=1, out_shardings=(NamedSharding(mesh, batch_spec(mesh, batch, 3)), cache_sh))
+    log.info("compiling %s: %d layers%s, batch %d x %d tokens, %d-slot cache", "decode" if decode else "prefill",
+             cfg.num_hidden_layers, " unrolled" if unrolled else "", batch, tokens, context)
     t0 = time.perf_counter()
     try:
         compiled: Any = fn.lower(params, cache, ids, ids, index).compile()
@@ -493,7 +498,7 @@ def compile_plan(
                 cfg, lambda c: compile_at(c, unrolled=True)[0])
             fig.flops, fig.bytes_accessed, fig.cost_compile_s = flops, nbytes, round(secs, 2)
         moved = fig.reads_expected if decode else fig.bytes_accessed
-        if moved is not None:
+        if moved is not None and fig.fits:
             ms = 1e3 * max(moved / target.hbm_bandwidth, (fig.flops or 0) / target.peak_flops)
             fig.roofline_ms, fig.tokens_per_s = ms, batch * tokens * 1e3 / ms
         figures.append(fig)
