@@ -50,6 +50,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import model as M
@@ -157,7 +158,8 @@ def default_mesh(target: Target, cfg: Mistral4Config) -> dict[str, int]:
 
 
 def _fix_tpu() -> str:
-    return f"pip install 'mistral4-jax[tpu-aot]' (which pins jax[tpu]=={jax.__version__}, i.e. the libtpu this jax expects)"
+    return (f"pip install 'jax[tpu]=={jax.__version__}' (the libtpu this jax was released with; "
+            "the extra 'mistral4-jax[tpu-aot]' installs that pair for jax 0.10.2)")
 
 
 def check_libtpu() -> None:
@@ -186,8 +188,6 @@ def _gpu_target_config(spec: dict[str, Any]) -> str:
 
 def target_devices(target: Target) -> list[Any]:
     """The target's devices (compile-only: nothing runs on them); ValueError naming the extra to install."""
-    from jax.experimental import topologies
-
     if target.platform == "tpu":
         check_libtpu()
         # libtpu takes /tmp/libtpu_lockfile unless told that several processes may load it (compiling only)
@@ -204,7 +204,8 @@ def target_devices(target: Target) -> list[Any]:
     else:
         if importlib.util.find_spec("jax_cuda12_plugin") is None:
             raise ValueError(f"GPU targets need jax's CUDA plugin, which is not installed: pip install "
-                             f"'mistral4-jax[gpu-aot]' (jax[cuda12]=={jax.__version__}, ~5.5 GB)")
+                             f"'jax[cuda12]=={jax.__version__}' (~5.5 GB; the extra 'mistral4-jax[gpu-aot]' "
+                             "installs it for jax 0.10.2)")
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no GPU here: skip the cuInit check
         try:
             topo = topologies.get_topology_desc("aot", "cuda", target_config=_gpu_target_config(GPU_SPECS[target.chip_config]),

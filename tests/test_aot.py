@@ -144,7 +144,7 @@ def test_missing_or_mismatched_libtpu_names_the_extra(monkeypatch, capsys):
 def test_missing_cuda_plugin_names_the_extra(monkeypatch):
     real_find = importlib.util.find_spec
     monkeypatch.setattr(aot.importlib.util, "find_spec", lambda n, *a: None if n == "jax_cuda12_plugin" else real_find(n, *a))
-    with pytest.raises(ValueError, match=r"jax's CUDA plugin, which is not installed: pip install 'mistral4-jax\[gpu-aot\]'"):
+    with pytest.raises(ValueError, match=r"jax's CUDA plugin, which is not installed: pip install 'jax\[cuda12\]==.*'mistral4-jax\[gpu-aot\]'"):
         aot.compile_plan(REAL, "8xH200", layers=1)
 
 
