@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Mistral4Config
+from .model import abstract_params, layer_groups, param_axes
 from .sharding import MESH_AXES, RULES, check_divisible
 
 GiB = 1024**3
@@ -65,38 +66,113 @@ class MemoryPlan:
 def memory_plan(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfloat16, cache_dtype: Any = None,
                 batch: int = 1, context: int = 8192, hbm_per_device: int | None = None, reserve: float = 0.1) -> MemoryPlan:
     """Bytes per device for weights and KV cache on a mesh of `mesh` sizes (see module docstring)."""
-    from .model import abstract_params, layer_groups, param_axes
-
     mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    total = per_device = count = 0
+    for key, leaf, names in _param_leaves(cfg, dtype, mesh):
+        nbytes, device = _leaf_bytes(leaf, names, mesh)
+        total += nbytes
+        per_device += device
+        if not key.endswith("_scale']"):  # FP8 scales are not parameters
+            count += math.prod(leaf.shape)
+    cache_dtype = _cache_dtype(dtype, cache_dtype)
+    kv_token = _kv_bytes_per_token(cfg, cache_dtype)
+    kv_device = _kv_bytes_per_device(kv_token, mesh, batch, context)
+    max_tokens = fits = None
+    if hbm_per_device is not None:
+        free = hbm_per_device * (1 - reserve) - per_device
+        data = mesh["data"] if batch % mesh["data"] == 0 else 1
+        max_tokens = max(0, int(free // kv_token)) * data
+        fits = free >= kv_device
+    return MemoryPlan(mesh, jnp.dtype(dtype).name, jnp.dtype(cache_dtype).name, count, total, per_device, kv_token,
+                      kv_device, batch, context, hbm_per_device, max_tokens, fits)
+
+
+def _param_leaves(cfg: Mistral4Config, dtype: Any, mesh: dict[str, int]) -> list[tuple[str, Any, tuple[str, ...]]]:
+    """(key path, ShapeDtypeStruct, logical axes) of every parameter; ValueError if the mesh does not divide one."""
     abstract = abstract_params(cfg, dtype)
     axes = param_axes(cfg, dtype)
     check_divisible(abstract, axes, mesh)
     leaves = jax.tree_util.tree_leaves_with_path(abstract)
     axis_leaves = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
-    total = per_device = count = 0
-    for (path, leaf), names in zip(leaves, axis_leaves):
-        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-        split = 1
-        for dim, name in zip(leaf.shape, names):
-            axis = RULES.get(name) if name else None
-            if axis:
-                split *= mesh[axis]
-        total += nbytes
-        per_device += -(-nbytes // split)
-        if not jax.tree_util.keystr(path).endswith("_scale']"):  # FP8 scales are not parameters
-            count += math.prod(leaf.shape)
-    cache_dtype = cache_dtype or (jnp.bfloat16 if jnp.dtype(dtype).itemsize < 2 else dtype)
+    return [(jax.tree_util.keystr(path), leaf, names) for (path, leaf), names in zip(leaves, axis_leaves)]
+
+
+def _leaf_bytes(leaf: Any, names: tuple[str, ...], mesh: dict[str, int]) -> tuple[int, int]:
+    """(bytes in all, bytes on one device) of a parameter whose dims carry logical `names`."""
+    nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    split = 1
+    for name in names:
+        axis = RULES.get(name) if name else None
+        if axis:
+            split *= mesh[axis]
+    return nbytes, -(-nbytes // split)
+
+
+def _cache_dtype(dtype: Any, cache_dtype: Any) -> Any:
+    """The KV cache dtype: as given, else bfloat16 for FP8 weights, else the weights' dtype."""
+    return cache_dtype or (jnp.bfloat16 if jnp.dtype(dtype).itemsize < 2 else dtype)
+
+
+def _kv_bytes_per_token(cfg: Mistral4Config, cache_dtype: Any) -> int:
     layers = sum(n for _, n, _ in layer_groups(cfg))
-    kv_token = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(cache_dtype).itemsize
+    return layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(cache_dtype).itemsize
+
+
+def _kv_bytes_per_device(kv_token: int, mesh: dict[str, int], batch: int, context: int) -> int:
+    """The cache is split over `data` by batch row (when the batch divides) and replicated elsewhere."""
     data = mesh["data"] if batch % mesh["data"] == 0 else 1
-    kv_device = batch * context * kv_token // data
-    max_tokens = fits = None
-    if hbm_per_device is not None:
-        free = hbm_per_device * (1 - reserve) - per_device
-        max_tokens = max(0, int(free // kv_token)) * data
-        fits = free >= kv_device
-    return MemoryPlan(mesh, jnp.dtype(dtype).name, jnp.dtype(cache_dtype).name, count, total, per_device, kv_token,
-                      kv_device, batch, context, hbm_per_device, max_tokens, fits)
+    return batch * context * kv_token // data
+
+
+@dataclasses.dataclass
+class DecodeReads:
+    """Bytes one device must read from its memory for one decode step (all layers).
+
+    weights: its shard of every weight except the routed experts (embedding: only the batch's rows,
+    unless tied to the head); experts_expected / experts_worst: the routed experts it holds that the
+    batch chooses, expected (uniform routing) and at worst; cache: its slice of the KV cache."""
+
+    weights: int
+    experts_expected: int
+    experts_worst: int
+    cache: int
+    experts_read_expected: float  # routed experts read per layer on this device
+    experts_read_worst: int
+
+    @property
+    def expected(self) -> int:
+        return self.weights + self.experts_expected + self.cache
+
+    @property
+    def worst(self) -> int:
+        return self.weights + self.experts_worst + self.cache
+
+
+def decode_reads(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfloat16, cache_dtype: Any = None,
+                 batch: int = 1, context: int = 8192) -> DecodeReads:
+    """What one device of `mesh` must read per decode step of `batch` rows over a `context`-slot cache.
+
+    Each device holds local = E / expert routed experts per layer (F split over `tensor`). A token picks
+    K of the E experts; for B tokens the distinct experts chosen among one device's are, at worst,
+    min(local, B * K) and, with uniform independent routing, local * (1 - (1 - K/E)^B) on average
+    (K / expert at batch 1: 0.5 for top-4 of 128 over 8 expert shards).
+    """
+    mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    local = e // mesh[RULES["experts"]] if RULES["experts"] else e
+    expected = local * (1 - (1 - k / e) ** batch)
+    worst = min(local, batch * k)
+    weights = experts = 0
+    for key, leaf, names in _param_leaves(cfg, dtype, mesh):
+        _, device = _leaf_bytes(leaf, names, mesh)
+        if "experts" in names:
+            experts += device
+        elif key == "['embed']" and not cfg.tie_word_embeddings:
+            weights += batch * leaf.shape[1] * np.dtype(leaf.dtype).itemsize
+        else:
+            weights += device
+    kv_device = _kv_bytes_per_device(_kv_bytes_per_token(cfg, _cache_dtype(dtype, cache_dtype)), mesh, batch, context)
+    return DecodeReads(weights, int(experts * expected / local), experts * worst // local, kv_device, expected, worst)
 
 
 def format_plan(p: MemoryPlan) -> str:

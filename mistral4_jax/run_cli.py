@@ -118,11 +118,18 @@ from .distributed import is_main_process  # noqa: E402  (host 0 alone prints and
 
 # ------------------------------------------------------------------------------------------ plan
 def add_plan(sub: Any, subcommand: Any) -> None:
-    p = subcommand(sub, "plan", help="memory per device for weights and KV cache on a mesh (nothing allocated)")
+    p = subcommand(sub, "plan", help="memory per device for weights and KV cache on a mesh (nothing allocated); "
+                   "with --compile, compile for a TPU topology or GPUs and report the compiler's figures",
+                   epilog="--compile TARGET: a TPU slice (v5e-4, v5e-16, v5e-256, v5p-8, v6e-8, v4-8, or a topology "
+                          "such as v5e:2x2) or NxGPU (8xH200, 8xH100). Compiles one decode step and one prefill chunk "
+                          "with abstract weights and cache (nothing allocated) and prints per chip the compiler's "
+                          "memory against the chip's, collectives, compile time and a roofline. TPU targets need "
+                          "`pip install 'mistral4-jax[tpu-aot]'`, GPU targets `pip install 'mistral4-jax[gpu-aot]'`.")
     p.add_argument("--config", required=True,
                    help="a bundled config name (mistral-small-4-119b, small, tiny), a config .json file (ours or "
                         "HF's) or a converted checkpoint directory")
-    p.add_argument("--mesh", default="data=1,expert=1,tensor=1")
+    p.add_argument("--mesh", default=None, help="e.g. expert=8,tensor=2 (default: one device; with --compile, "
+                   "experts over up to 8 chips, then tensor=2, the rest data)")
     p.add_argument("--devices", type=positive_int, default=None, help="device count for a -1 axis (default: this machine's)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weights (default bfloat16)")
     p.add_argument("--cache-dtype", default=None, choices=sorted(DTYPES),
@@ -131,6 +138,15 @@ def add_plan(sub: Any, subcommand: Any) -> None:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--hbm", default=None, type=memory_size, help="memory per device, e.g. 16GiB; prints what fits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--compile", default=None, metavar="TARGET", help="compile for this TPU topology or GPU target")
+    p.add_argument("--compute-dtype", default="bfloat16", help="with --compile: activations dtype")
+    p.add_argument("--chunk", type=int, default=None, help="with --compile: prefill chunk tokens (default min(context, 4096))")
+    p.add_argument("--steps", default="decode,prefill", help="with --compile: decode, prefill or both")
+    p.add_argument("--layers", type=int, default=None, help="with --compile: compile a model of this depth")
+    p.add_argument("--layer-loop", default="scan", choices=["scan", "unroll"],
+                   help="with --compile: scan (as it runs; flops and collectives from 1- and 2-layer unrolled "
+                        "compiles) or unroll (one compile; slow for deep models)")
+    p.add_argument("--no-cost", action="store_true", help="with --compile: memory only (skip the unrolled compiles)")
     p.set_defaults(run=run_plan)
 
 
@@ -140,6 +156,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from mistral4_jax.plan import format_plan, memory_plan
     from mistral4_jax.sharding import parse_mesh
 
+    if args.compile:
+        return _run_compile(args)
     path = configs.resolve(args.config)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
         from mistral4_jax import checkpoint
@@ -147,10 +165,22 @@ def run_plan(args: argparse.Namespace) -> int:
         cfg = checkpoint.read_config(path)
     else:
         cfg = Mistral4Config.from_json(path)
-    mesh = parse_mesh(args.mesh, args.devices)
+    mesh = parse_mesh(args.mesh or "data=1,expert=1,tensor=1", args.devices)
     plan = memory_plan(cfg, mesh, resolve_dtype(args.dtype), resolve_dtype(args.cache_dtype) if args.cache_dtype else None,
                        args.batch, args.context, args.hbm)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 0
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from mistral4_jax import configs
+    from mistral4_jax.aot import compile_plan, format_compiled
+
+    plan = compile_plan(configs.resolve(args.config), args.compile, mesh=args.mesh, dtype=args.dtype,
+                        compute_dtype=args.compute_dtype,                        cache_dtype=args.cache_dtype, batch=args.batch, context=args.context, chunk=args.chunk,
+                        steps=[s.strip() for s in args.steps.split(",") if s.strip()], layers=args.layers,
+                        layer_loop=args.layer_loop, cost=not args.no_cost)
+    print(json.dumps(plan.to_dict()) if args.json else format_compiled(plan))
     return 0
 
 

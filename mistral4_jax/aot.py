@@ -1,0 +1,551 @@
+"""Compile the model ahead of time for a TPU topology or NVIDIA GPUs on any machine, and read the figures.
+
+    plan = compile_plan("configs/mistral-small-4-119b.json", "v5e-16", mesh="expert=8,tensor=2",
+                        dtype="float8_e4m3fn", batch=1, context=4096)
+    print(format_compiled(plan))          # or `mistral4-jax plan --compile v5e-16 ...`
+
+Nothing is allocated: parameters and KV cache are `jax.ShapeDtypeStruct`s carrying the `NamedSharding`s of
+`sharding.RULES` on a mesh of the target's devices (`jax.experimental.topologies`), and
+`jax.jit(step).lower(...).compile()` runs XLA's TPU or GPU compiler on this machine. TPU targets need
+libtpu (the `tpu-aot` extra), GPU targets jax's CUDA plugin (the `gpu-aot` extra, ~5.5 GB).
+
+Two programs are compiled per target: one decode step (B tokens attending a `context`-slot latent cache,
+the cache donated) and one prefill chunk (B x T tokens written into the cache at slot 0, last logits only).
+
+What the figures are (all per device):
+- memory: the compiler's argument / output / temporary bytes (`memory_analysis`) of the program as it
+  runs (layer groups stacked under `lax.scan`), against the chip's memory. The TPU compiler refuses a
+  program that does not fit (RESOURCE_EXHAUSTED); that is reported as "does not fit" with its figure. A
+  GPU compiler does not check: there "fits" compares the total with the card's memory.
+- weights: the compiler's argument bytes of the parameters alone (a program that takes them and
+  returns a constant); `plan.memory_plan` computes the same from shapes alone, and the two should agree.
+- flops, bytes accessed, collectives: XLA counts a loop body once, so the scanned program shows one
+  layer. These figures come from two more compiles with the layers unrolled, at one and two layers per
+  group: total = one-layer program + (layers - 1) x (two-layer - one-layer program); with
+  `layer_loop="unroll"` the one program is compiled unrolled and read directly. A data-dependent loop
+  inside a layer (an expert loop) is still counted once: `cost_exact` is False when the per-layer
+  program has a `while` loop, and its flops and bytes are then lower bounds. GPU compilers give no cost
+  analysis (None). A collective's bytes are the size of its result on one device.
+- decode reads: the bytes one chip must read per decode step (`plan.decode_reads`: its weight shards,
+  the experts the batch picks among the ones it holds, expected and worst case, its cache slice).
+  Roofline: step ms = max(bytes / HBM bandwidth, flops / peak bf16 flops), with the expected reads
+  (decode) or the compiled bytes (prefill); tokens/s = tokens per step / step time. Collectives are
+  not in the roofline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import importlib.metadata
+import importlib.util
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import model as M
+from .api import resolve_dtype
+from .config import Mistral4Config
+from .plan import GiB, decode_reads, memory_plan
+from .sharding import MESH_AXES, batch_spec, cache_shardings, make_mesh, param_shardings, parse_mesh
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ targets
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A TPU slice or a group of GPUs to compile for: chips, per-chip memory, bandwidth and peak."""
+
+    name: str  # "v5e-16", "8xH200"
+    platform: str  # "tpu" or "gpu"
+    kind: str  # the chip
+    chips: int
+    hbm_bytes: int  # memory per chip
+    hbm_bandwidth: float  # bytes/s per chip
+    peak_flops: float  # dense bf16 flop/s per chip
+    topology: str  # jax's topology name: "v5e:4x4", or "1x1x8" (slices x hosts x GPUs per host)
+    chip_config: str  # TPU: "default" or "megacore"; GPU: the key of `GPU_SPECS`
+
+
+# TPU generations (Google Cloud's published per-chip figures): name prefix -> (jax topology prefix, chip
+# config, TensorCores per chip counted in slice names such as v5p-8, kind, HBM bytes, HBM bytes/s, bf16 flop/s)
+TPU_CHIPS = {
+    "v4": ("v4", "megacore", 2, "TPU v4", 32 * GiB, 1200e9, 275e12),
+    "v5e": ("v5e", "default", 1, "TPU v5e", 16 * GiB, 819e9, 197e12),
+    "v5p": ("v5", "megacore", 2, "TPU v5p", 95 * GiB, 2765e9, 459e12),
+    "v6e": ("v6e", "default", 1, "TPU v6e", 32 * GiB, 1640e9, 918e12),
+}
+_TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8"}
+
+# NVIDIA GPUs: the `gpu_device_info` figures of XLA's published target configs (openxla/xla,
+# xla/backends/gpu/target_config/specs/h100_sxm.txtpb and h200.txtpb, 2026), and peak bf16 flop/s
+# from their matrix-unit rates (BF16: 2 x 1.8295 GHz x 4 units x 132 cores x 512 per clock).
+_HOPPER = {
+    "threads_per_block_limit": 1024, "threads_per_warp": 32, "shared_memory_per_block": 49152,
+    "shared_memory_per_core": 233472, "threads_per_core_limit": 2048, "core_count": 132, "fpus_per_core": 128,
+    "block_dim_limit_x": 2147483647, "block_dim_limit_y": 65535, "block_dim_limit_z": 65535,
+    "l2_cache_size": 52428800, "clock_rate_ghz": 1.98, "shared_memory_per_block_optin": 232448,
+    "registers_per_core_limit": 65536, "registers_per_block_limit": 65536,
+}
+GPU_SPECS = {
+    "H100": {**_HOPPER, "name": "NVIDIA H100 80GB HBM3", "memory_bandwidth": 3352320000000,
+             "device_memory_size": 84942979072, "compute_capability": (9, 0), "peak_bf16": 2 * 1.8295201e9 * 4 * 132 * 512},
+    "H200": {**_HOPPER, "name": "NVIDIA H200 141GB HBM3e", "memory_bandwidth": 4800000000000,
+             "device_memory_size": 151397597184, "compute_capability": (9, 0), "peak_bf16": 2 * 1.8295201e9 * 4 * 132 * 512},
+}
+
+_TARGET_HELP = ("TPU slices v4-N, v5e-N, v5p-N, v6e-N (e.g. v5e-16, v5p-8, v6e-8; or a topology such as v5e:2x2) "
+                f"or NxGPU with GPU in {', '.join(GPU_SPECS)} (e.g. 8xH200)")
+
+
+def parse_target(name: str) -> Target:
+    """"v5e-16" (Cloud slice name: chips, or TensorCores for v4/v5p), "v5e:4x4" (jax topology) or "8xH200"."""
+    text = name.strip()
+    m = re.fullmatch(r"(\d+)\s*x\s*([A-Za-z]\w*)", text)
+    if m:
+        n, gpu = int(m.group(1)), m.group(2).upper()
+        if gpu not in GPU_SPECS or n < 1 or (n > 8 and n % 8):
+            raise ValueError(f"unknown target {name!r}: GPU targets are NxGPU with GPU in {', '.join(GPU_SPECS)} "
+                             "and N up to 8 or a multiple of 8 (e.g. 8xH200)")
+        s = GPU_SPECS[gpu]
+        topology = f"1x1x{n}" if n <= 8 else f"1x{n // 8}x8"
+        return Target(f"{n}x{gpu}", "gpu", s["name"], n, s["device_memory_size"], float(s["memory_bandwidth"]),
+                      s["peak_bf16"], topology, gpu)
+    m = re.fullmatch(r"(v\d+[a-z]?)(?:-(\d+)|:(\d+(?:x\d+)*))", text.lower())
+    gen = None if not m else {"v5": "v5p"}.get(m.group(1), m.group(1))
+    if gen not in TPU_CHIPS:
+        raise ValueError(f"unknown target {name!r}: expected {_TARGET_HELP}")
+    prefix, chip_config, cores, kind, hbm, bandwidth, flops = TPU_CHIPS[gen]
+    tori = _TORUS_3D if cores == 2 else _TORUS_2D
+    if m.group(2):
+        count = int(m.group(2))
+        chips = count // cores
+        if count % cores or chips not in tori:
+            raise ValueError(f"unknown target {name!r}: {gen} slices are {gen}-N with N in "
+                             f"{', '.join(str(c * cores) for c in tori)}")
+        topology = f"{prefix}:{tori[chips]}"
+    else:
+        dims = [int(d) for d in m.group(3).split("x")]
+        if len(dims) != len(next(iter(tori.values())).split("x")):
+            raise ValueError(f"unknown target {name!r}: {gen} topologies have "
+                             f"{len(next(iter(tori.values())).split('x'))} dimensions, e.g. {prefix}:{tori[4]}")
+        chips, topology = math.prod(dims), f"{prefix}:{m.group(3)}"
+    label = f"{gen}-{chips * cores}"
+    return Target(label, "tpu", kind, chips, hbm, bandwidth, flops, topology, chip_config)
+
+
+def default_mesh(target: Target, cfg: Mistral4Config) -> dict[str, int]:
+    """Experts over up to 8 chips (a power of two dividing the chips and the experts), then up to 2-way
+    tensor parallelism, the rest as data-parallel replicas: expert=8,tensor=2 on v5e-16, expert=8 on 8 GPUs."""
+    expert = 1
+    while expert * 2 <= 8 and target.chips % (expert * 2) == 0 and cfg.n_routed_experts % (expert * 2) == 0:
+        expert *= 2
+    tensor = 2 if target.chips % (expert * 2) == 0 else 1
+    return {"data": target.chips // (expert * tensor), "expert": expert, "tensor": tensor}
+
+
+def _fix_tpu() -> str:
+    return (f"pip install 'jax[tpu]=={jax.__version__}' (the libtpu this jax was released with; "
+            "the extra 'mistral4-jax[tpu-aot]' installs that pair for jax 0.10.2)")
+
+
+def check_libtpu() -> None:
+    """ValueError naming the fix when libtpu is missing or is not the version this jax was released with."""
+    try:
+        have = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"TPU targets need libtpu, which is not installed: {_fix_tpu()}") from None
+    wanted = [r.split(";")[0].strip() for r in importlib.metadata.requires("jax") or []
+              if r.startswith("libtpu") and '"tpu"' in r]
+    for req in wanted:
+        pin = re.fullmatch(r"libtpu\s*==\s*([\w.*]+)", req)
+        if pin and not fnmatch.fnmatch(have, pin.group(1)):
+            raise ValueError(f"libtpu {have} does not match jax {jax.__version__} (which needs {req}): {_fix_tpu()}")
+
+
+def _gpu_target_config(spec: dict[str, Any]) -> str:
+    """A `GpuTargetConfigProto` in text form for the GPU of `spec`."""
+    info = {k: v for k, v in spec.items() if k not in ("name", "compute_capability", "peak_bf16")}
+    lines = [f"  {k}: {v}" for k, v in info.items()]
+    major, minor = spec["compute_capability"]
+    lines.append(f"  cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: ACCELERATED_FEATURES }}")
+    return ("gpu_device_info {\n" + "\n".join(lines) + "\n}\n"
+            f'platform_name: "CUDA"\ndevice_description_str: "{spec["name"]}"\n')
+
+
+def target_devices(target: Target) -> list[Any]:
+    """The target's devices (compile-only: nothing runs on them); ValueError naming the extra to install."""
+    if target.platform == "tpu":
+        check_libtpu()
+        # libtpu takes /tmp/libtpu_lockfile unless told that several processes may load it (compiling only)
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        bounds = (2, 2, 1) if target.chips >= 4 else (1, 1, 1)
+        try:
+            topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                                chip_config_name=target.chip_config, chips_per_host_bounds=bounds,
+                                                num_slices=1)
+        except Exception as e:  # libtpu failed to load or refused the topology
+            raise ValueError(f"{target.name}: libtpu could not describe topology {target.topology} "
+                             f"({str(e).splitlines()[0]}); {_fix_tpu()}") from None
+    else:
+        if importlib.util.find_spec("jax_cuda12_plugin") is None:
+            raise ValueError(f"GPU targets need jax's CUDA plugin, which is not installed: pip install "
+                             f"'jax[cuda12]=={jax.__version__}' (~5.5 GB; the extra 'mistral4-jax[gpu-aot]' "
+                             "installs it for jax 0.10.2)")
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no GPU here: skip the cuInit check
+        try:
+            topo = topologies.get_topology_desc("aot", "cuda", target_config=_gpu_target_config(GPU_SPECS[target.chip_config]),
+                                                topology=target.topology)
+        except Exception as e:
+            raise ValueError(f"{target.name}: jax's CUDA plugin could not describe the target "
+                             f"({str(e).splitlines()[0]}); pip install 'jax[cuda12]=={jax.__version__}'") from None
+    devices = list(topo.devices)
+    if len(devices) != target.chips:
+        raise ValueError(f"{target.name}: topology {target.topology} has {len(devices)} devices, expected {target.chips}")
+    return devices
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclasses.dataclass
+class Collective:
+    kind: str  # all-reduce, all-gather, all-to-all, reduce-scatter, collective-permute, ...
+    count: int  # per step, all layers
+    bytes: int  # sum of the result sizes on one device
+
+
+@dataclasses.dataclass
+class StepFigures:
+    """One compiled program (decode step or prefill chunk); bytes and flops per device."""
+
+    step: str  # "decode" or "prefill"
+    batch: int
+    tokens: int  # query tokens per row (1 for decode)
+    context: int  # cache slots
+    fits: bool
+    compile_s: float
+    error: str | None = None  # the compiler's reason when the program does not fit
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    alias_bytes: int | None = None  # outputs that reuse a donated argument's memory (the cache)
+    temp_bytes: int | None = None
+    code_bytes: int | None = None
+    total_bytes: int | None = None  # arguments + outputs - aliased + temporaries + code
+    flops: float | None = None  # all layers (see module docstring)
+    bytes_accessed: float | None = None
+    cost_exact: bool | None = None  # False: a loop inside a layer was counted once (lower bounds)
+    cost_compile_s: float | None = None  # the two unrolled compiles that give flops, bytes, collectives
+    collectives: list[Collective] | None = None
+    reads_expected: int | None = None  # decode: bytes this chip must read per step (plan.decode_reads)
+    reads_worst: int | None = None
+    roofline_ms: float | None = None  # per step
+    tokens_per_s: float | None = None
+
+
+@dataclasses.dataclass
+class CompiledPlan:
+    config: str
+    target: str
+    kind: str
+    chips: int
+    hbm_bytes: int
+    hbm_bandwidth: float
+    peak_flops: float
+    mesh: dict[str, int]
+    dtype: str
+    compute_dtype: str
+    cache_dtype: str
+    layers: int
+    layer_loop: str
+    weight_bytes: int  # the compiler's argument bytes of the parameters per device
+    plan_weight_bytes: int  # plan.memory_plan's weights per device (abstract shapes)
+    steps: list[StepFigures]
+    jax_version: str = jax.__version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def step(self, name: str) -> StepFigures:
+        return next(s for s in self.steps if s.step == name)
+
+
+# ------------------------------------------------------------------------------------------ compile
+def _abstract(shapes: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _unstacked(params: Any) -> Any:
+    """Abstract stacked layer groups [n, ...] as lists of n per-layer trees (the unrolled layout)."""
+    def layer(x: Any) -> Any:
+        spec = P(*tuple(x.sharding.spec)[1:])
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=NamedSharding(x.sharding.mesh, spec))
+
+    out = dict(params)
+    for name in ("layers_dense", "layers_moe"):
+        if name not in params:
+            continue
+        n = jax.tree_util.tree_leaves(params[name])[0].shape[0]
+        out[name] = [jax.tree_util.tree_map(layer, params[name]) for _ in range(n)]
+    return out
+
+
+def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode):
+    """One decode step (decode=True) or prefill chunk written at slot `index`: logits, updated cache."""
+    logits, _, cache = M.forward(params, cfg, tokens, positions, jnp.ones(tokens.shape, bool), cache=cache, index=index,
+                                 decode=decode, last_only=not decode, dtype=compute_dtype, param_dtype=dtype, mesh=mesh)
+    return logits, cache
+
+
+def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, cache_dtype: Any, batch: int, tokens: int,
+              context: int, decode: bool, unrolled: bool) -> tuple[Any, float]:
+    """Compile one step: (the compiled program or the compiler's RESOURCE_EXHAUSTED message, seconds)."""
+    params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype))
+    if unrolled:
+        params = _unstacked(params)
+    cache_shapes = jax.eval_shape(functools.partial(M.init_cache, cfg, batch, context, cache_dtype))
+    cache_sh = cache_shardings(mesh, cache_shapes)
+    cache = _abstract(cache_shapes, cache_sh)
+    rows = NamedSharding(mesh, batch_spec(mesh, batch, 2))
+    ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=rows)
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+    fn = jax.jit(functools.partial(_step, cfg=cfg, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, decode=decode),
+                 donate_argnums=1, out_shardings=(NamedSharding(mesh, batch_spec(mesh, batch, 3)), cache_sh))
+    log.info("compiling %s: %d layers%s, batch %d x %d tokens, %d-slot cache", "decode" if decode else "prefill",
+             cfg.num_hidden_layers, " unrolled" if unrolled else "", batch, tokens, context)
+    t0 = time.perf_counter()
+    try:
+        compiled: Any = fn.lower(params, cache, ids, ids, index).compile()
+    except Exception as e:  # XLA's error type differs between jax versions
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled = " ".join(str(e).split())
+    return compiled, time.perf_counter() - t0
+
+
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(all-reduce|all-gather|all-to-all|reduce-scatter|"
+                         r"collective-permute|ragged-all-to-all|collective-broadcast)(-start)?\(", re.M)
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32, "s64": 64, "u64": 64,
+         "f16": 16, "bf16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8,
+         "f8e4m3": 8, "f8e5m2fnuz": 8, "f8e4m3fnuz": 8, "f8e4m3b11fnuz": 8, "f8e3m4": 8}
+
+
+def parse_collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """kind -> (count, bytes of the results on one device) of the collectives in compiled HLO text.
+
+    An async `-start` op's result is a tuple (operands, results[, context]): its results are counted."""
+    out: dict[str, tuple[int, int]] = {}
+    for shape, kind, start in _COLLECTIVE.findall(hlo_text):
+        arrays = [(t, d) for t, d in _ARRAY.findall(shape) if t in _BITS]
+        if start:
+            arrays = [(t, d) for t, d in arrays if d]  # scalars in an async tuple are its context
+            if kind != "all-reduce" and len(arrays) >= 2:
+                arrays = arrays[len(arrays) // 2:]
+        nbytes = sum(math.prod(int(n) for n in d.split(",") if n) * _BITS[t] // 8 for t, d in arrays)
+        count, total = out.get(kind, (0, 0))
+        out[kind] = (count + 1, total + nbytes)
+    return out
+
+
+def _cost(compiled: Any) -> tuple[float | None, float | None, dict[str, tuple[int, int]], bool]:
+    """(flops, bytes accessed, collectives, has a while loop) of one compiled program."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    text = compiled.as_text()
+    flops = bytes_accessed = None
+    if cost:
+        flops, bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
+    return flops, bytes_accessed, parse_collectives(text), re.search(r"\swhile\(", text) is not None
+
+
+def _depth_variant(cfg: Mistral4Config, dense: int, moe: int) -> Mistral4Config:
+    return cfg.replace(num_hidden_layers=dense + moe, first_k_dense_replace=dense, softmax_scale=cfg.softmax_scale)
+
+
+def _layer_costs(cfg: Mistral4Config, compile_at: Any) -> tuple[float | None, float | None, list[Collective], bool, float]:
+    """Flops, bytes accessed and collectives of all layers from unrolled compiles at one and two layers per
+    group: base + sum over groups of (layers - 1) x (two layers - one layer). Also (exact, seconds)."""
+    groups = [cfg.first_k_dense_replace, cfg.num_moe_layers]
+    base_depth = [min(n, 1) for n in groups]
+    t0 = time.perf_counter()
+    base = _cost(compile_at(_depth_variant(cfg, *base_depth)))
+    flops, nbytes, coll, has_loop = base[0], base[1], dict(base[2]), base[3]
+    for g, n in enumerate(groups):
+        if n <= 1:  # nothing to extrapolate
+            continue
+        depth = list(base_depth)
+        depth[g] = 2
+        two = _cost(compile_at(_depth_variant(cfg, *depth)))
+        has_loop = has_loop or two[3]
+        if flops is not None and two[0] is not None:
+            flops += (n - 1) * (two[0] - base[0])
+        if nbytes is not None and two[1] is not None:
+            nbytes += (n - 1) * (two[1] - base[1])
+        for kind in set(two[2]) | set(base[2]):
+            c2, b2 = two[2].get(kind, (0, 0))
+            c1, b1 = base[2].get(kind, (0, 0))
+            c, b = coll.get(kind, (0, 0))
+            coll[kind] = (c + (n - 1) * (c2 - c1), b + (n - 1) * (b2 - b1))
+    collectives = [Collective(k, c, b) for k, (c, b) in sorted(coll.items())]
+    return flops, nbytes, collectives, not has_loop, time.perf_counter() - t0
+
+
+def _memory(fig: StepFigures, compiled: Any) -> None:
+    m = compiled.memory_analysis()
+    fig.argument_bytes, fig.output_bytes = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+    fig.alias_bytes, fig.temp_bytes = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
+    fig.code_bytes = int(m.generated_code_size_in_bytes)
+    fig.total_bytes = fig.argument_bytes + fig.output_bytes - fig.alias_bytes + fig.temp_bytes + fig.code_bytes
+
+
+def _param_argument_bytes(cfg: Mistral4Config, mesh: Any, dtype: Any) -> int:
+    """The compiler's argument bytes per device of the parameters alone (with its padding and layouts):
+    a program that takes them and returns a constant."""
+    params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype))
+    compiled = jax.jit(lambda p: jnp.zeros((), jnp.int32), keep_unused=True).lower(params).compile()
+    return int(compiled.memory_analysis().argument_size_in_bytes)
+
+
+def compile_plan(
+    config: str | os.PathLike | Mistral4Config,
+    target: str | Target,
+    mesh: str | dict[str, int] | None = None,
+    dtype: Any = "bfloat16",
+    compute_dtype: Any = "bfloat16",
+    cache_dtype: Any = None,
+    batch: int = 1,
+    context: int = 4096,
+    chunk: int | None = None,
+    steps: Sequence[str] = ("decode", "prefill"),
+    layers: int | None = None,
+    layer_loop: str = "scan",
+    cost: bool = True,
+) -> CompiledPlan:
+    """Compile a decode step and a prefill chunk of `config` for `target` and collect the figures.
+
+    config: a Mistral4Config or a config path (configs/*.json, an HF config.json or directory, a converted
+    checkpoint). target: see `parse_target`. mesh: "expert=8,tensor=2" or sizes;
+    default `default_mesh`. dtype: weights ("float8_e4m3fn" = FP8 + scales); compute_dtype: activations;
+    cache_dtype: default bfloat16 for FP8 weights, else the weights'. Decode: `batch` rows attending a
+    `context`-slot cache; prefill: `batch` x `chunk` tokens (default min(context, 4096)) into a cache of
+    max(context, chunk) slots. layers: override the depth (the first_k_dense_replace dense layers are kept
+    up to that many). layer_loop: "scan" compiles the program as it runs on accelerators (layers under
+    `lax.scan`) and, unless cost=False, takes flops, bytes and collectives from two more compiles with one
+    and two unrolled layers per group; "unroll" compiles the layers unrolled and reads them from that one
+    program (compile time grows with depth: for reduced-depth models).
+    """
+    cfg = config if isinstance(config, Mistral4Config) else Mistral4Config.from_json(config)
+    source = "(given)" if isinstance(config, Mistral4Config) else os.fspath(config)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be at least 1, got {layers}")
+        dense = min(cfg.first_k_dense_replace, layers)
+        cfg = _depth_variant(cfg, dense, layers - dense)
+    target = parse_target(target) if isinstance(target, str) else target
+    if layer_loop not in ("scan", "unroll"):
+        raise ValueError(f"layer_loop must be 'scan' or 'unroll', got {layer_loop!r}")
+    for s in steps:
+        if s not in ("decode", "prefill"):
+            raise ValueError(f"--steps: unknown step {s!r}; steps are decode, prefill")
+    if batch < 1 or context < 1 or (chunk is not None and chunk < 1):
+        raise ValueError(f"batch, context and chunk must be positive, got {batch}, {context}, {chunk}")
+    sizes = default_mesh(target, cfg) if mesh is None else mesh
+    try:
+        sizes = parse_mesh(sizes, target.chips)
+    except ValueError as e:
+        raise ValueError(f"{target.name} has {target.chips} chips: {e}") from None
+    dtype, compute_dtype = resolve_dtype(dtype, "dtype"), resolve_dtype(compute_dtype, "compute dtype")
+    cache_dtype = resolve_dtype(cache_dtype, "cache dtype") if cache_dtype is not None else (
+        jnp.bfloat16 if M.is_fp8(dtype) else dtype)
+    plan = memory_plan(cfg, sizes, dtype, cache_dtype, batch, context)  # also checks the mesh divides the weights
+    device_mesh = make_mesh(sizes, devices=target_devices(target))
+    weight_bytes = _param_argument_bytes(cfg, device_mesh, dtype)
+    chunk = chunk or min(context, 4096)
+    figures = []
+    for step in steps:
+        decode = step == "decode"
+        tokens, slots = (1, context) if decode else (chunk, max(context, chunk))
+        compile_at = functools.partial(_compiled, mesh=device_mesh, dtype=dtype, compute_dtype=compute_dtype,
+                                       cache_dtype=cache_dtype, batch=batch, tokens=tokens, context=slots, decode=decode)
+        compiled, seconds = compile_at(cfg, unrolled=layer_loop == "unroll")
+        fig = StepFigures(step, batch, tokens, slots, fits=not isinstance(compiled, str), compile_s=round(seconds, 2))
+        if isinstance(compiled, str):
+            fig.error = compiled
+        else:
+            _memory(fig, compiled)
+            fig.fits = fig.total_bytes <= target.hbm_bytes
+        if decode:
+            reads = decode_reads(cfg, sizes, dtype, cache_dtype, batch, slots)
+            fig.reads_expected, fig.reads_worst = reads.expected, reads.worst
+        if cost and fig.error is None and layer_loop == "unroll":
+            fig.flops, fig.bytes_accessed, coll, has_loop = _cost(compiled)
+            fig.collectives, fig.cost_exact = [Collective(k, c, b) for k, (c, b) in sorted(coll.items())], not has_loop
+        elif cost and fig.error is None:
+            flops, nbytes, fig.collectives, fig.cost_exact, secs = _layer_costs(
+                cfg, lambda c: compile_at(c, unrolled=True)[0])
+            fig.flops, fig.bytes_accessed, fig.cost_compile_s = flops, nbytes, round(secs, 2)
+        moved = fig.reads_expected if decode else fig.bytes_accessed
+        if moved is not None and fig.fits:
+            ms = 1e3 * max(moved / target.hbm_bandwidth, (fig.flops or 0) / target.peak_flops)
+            fig.roofline_ms, fig.tokens_per_s = ms, batch * tokens * 1e3 / ms
+        figures.append(fig)
+    return CompiledPlan(source, target.name, target.kind, target.chips, target.hbm_bytes, target.hbm_bandwidth,
+                        target.peak_flops, sizes, jnp.dtype(dtype).name, jnp.dtype(compute_dtype).name,
+                        jnp.dtype(cache_dtype).name, cfg.num_hidden_layers, layer_loop, weight_bytes,
+                        plan.weight_bytes_per_device, figures)
+
+
+# ------------------------------------------------------------------------------------------ report
+def _gib(n: float) -> str:
+    return f"{n / GiB:,.2f} GiB"
+
+
+def format_compiled(p: CompiledPlan) -> str:
+    """A short human-readable report of `compile_plan`'s figures."""
+    mesh = ",".join(f"{a}={p.mesh[a]}" for a in MESH_AXES)
+    lines = [f"{p.target}: {p.chips} x {p.kind}, {_gib(p.hbm_bytes)} at {p.hbm_bandwidth / 1e9:,.0f} GB/s, "
+             f"{p.peak_flops / 1e12:,.0f} TFLOP/s bf16 per chip · mesh {mesh} · {p.layers} layer{'s' * (p.layers != 1)} ({p.layer_loop}) · weights {p.dtype}, "
+             f"compute {p.compute_dtype}, cache {p.cache_dtype} · jax {p.jax_version}",
+             f"weights {_gib(p.weight_bytes)} per chip compiled, {_gib(p.plan_weight_bytes)} in the abstract plan "
+             f"({p.weight_bytes / p.plan_weight_bytes:.3f}x)"]
+    for s in p.steps:
+        what = f"decode  B={s.batch} x {s.context:,} ctx" if s.step == "decode" else \
+            f"prefill B={s.batch} x {s.tokens:,} tokens ({s.context:,}-slot cache)"
+        if s.error is not None:
+            lines.append(f"{what}: does NOT fit (compiled in {s.compile_s:.1f} s): {s.error}")
+            continue
+        verdict = "fits" if s.fits else "does NOT fit"
+        lines.append(f"{what}: {verdict}, {_gib(s.total_bytes)} of {_gib(p.hbm_bytes)} per chip (arguments "
+                     f"{_gib(s.argument_bytes)}, temporaries {_gib(s.temp_bytes)}, outputs {_gib(s.output_bytes)}, "
+                     f"aliased {_gib(s.alias_bytes)}); compiled in {s.compile_s:.1f} s")
+        if s.reads_expected is not None:
+            line = f"    must read per step {_gib(s.reads_expected)} expected, {_gib(s.reads_worst)} worst case"
+            if s.bytes_accessed is not None:
+                line += f"; compiled bytes accessed {_gib(s.bytes_accessed)} ({s.bytes_accessed / s.reads_expected:.2f}x)"
+            lines.append(line)
+        if s.flops is not None:
+            bound = "" if s.cost_exact else " (lower bounds: a loop inside a layer is counted once)"
+            accessed = f", {_gib(s.bytes_accessed)} accessed" if s.bytes_accessed is not None else ""
+            extra = f"; unrolled compiles {s.cost_compile_s:.1f} s" if s.cost_compile_s is not None else ""
+            lines.append(f"    cost {s.flops / 1e9:,.1f} GFLOP{accessed}{bound}{extra}")
+        if s.roofline_ms is not None:
+            unit = "token" if s.step == "decode" else "chunk"
+            lines.append(f"    roofline {s.roofline_ms:,.2f} ms per {unit} step -> {s.tokens_per_s:,.0f} tokens/s")
+        if s.collectives is not None:
+            coll = ", ".join(f"{c.kind} x{c.count} ({c.bytes / 2**20:,.1f} MiB)" for c in s.collectives) or "none"
+            lines.append(f"    collectives per step: {coll}")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Ahead-of-time compilation for TPU without a TPU (`mistral4_jax.aot`, libtpu from the `tpu-aot` extra that
+`test` pulls in): the real model's dimensions at reduced depth, compiled for a v5e 2x2 slice."""
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from mistral4_jax import Mistral4Config, aot
+from mistral4_jax.cli import main
+from mistral4_jax.plan import decode_reads, memory_plan
+
+REAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mistral-small-4-119b.json")
+TARGET, MESH, LAYERS, CONTEXT = "v5e:2x2", {"expert": 4}, 2, 262_144
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Decode B=1 over a 262,144-slot cache and a 16-token prefill chunk, 2 real-size MoE layers, FP8 weights."""
+    return aot.compile_plan(REAL, TARGET, mesh=MESH, dtype="float8_e4m3fn", batch=1, context=CONTEXT, chunk=16,
+                            layers=LAYERS, layer_loop="unroll")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    real = Mistral4Config.from_json(REAL)
+    return real.replace(num_hidden_layers=LAYERS, softmax_scale=real.softmax_scale)
+
+
+def test_compiled_weights_agree_with_abstract_plan(compiled, cfg):
+    plan = memory_plan(cfg, MESH, jnp.float8_e4m3fn, batch=1, context=CONTEXT)
+    assert compiled.weight_bytes == pytest.approx(plan.weight_bytes_per_device, rel=0.05)
+    assert compiled.plan_weight_bytes == plan.weight_bytes_per_device
+    for step in compiled.steps:  # the programs hold the weights, the cache and a little more
+        assert step.fits and step.error is None
+        assert plan.weight_bytes_per_device + plan.kv_bytes_per_device <= step.argument_bytes <= 1.1 * (
+            plan.weight_bytes_per_device + plan.kv_bytes_per_device)
+        assert step.total_bytes <= compiled.hbm_bytes == 16 * 1024**3
+
+
+def test_decode_figures(compiled, cfg):
+    decode = compiled.step("decode")
+    reads = decode_reads(cfg, MESH, jnp.float8_e4m3fn, batch=1, context=CONTEXT)
+    assert (decode.reads_expected, decode.reads_worst) == (reads.expected, reads.worst)
+    # the step reads at least the non-expert weights and the cache; top-4 of 128 experts over 4 shards: one
+    # expected, at most 4 of the 32 this chip holds
+    assert reads.experts_read_expected == pytest.approx(1.0) and reads.experts_read_worst == 4
+    assert decode.bytes_accessed >= reads.weights + reads.cache
+    assert decode.flops > 0 and decode.cost_exact is False  # today's expert loop is a while loop
+    # expert parallelism adds each layer's partial outputs with one all-reduce of the token's [1, 4096] bf16
+    kinds = {c.kind: c for c in decode.collectives}
+    assert set(kinds) == {"all-reduce"}
+    assert (kinds["all-reduce"].count, kinds["all-reduce"].bytes) == (LAYERS, LAYERS * 4096 * 2)
+    bound = max(decode.reads_expected / 819e9, decode.flops / 197e12) * 1e3
+    assert decode.roofline_ms == pytest.approx(bound) and decode.tokens_per_s == pytest.approx(1e3 / bound)
+
+
+def test_prefill_figures(compiled):
+    prefill = compiled.step("prefill")
+    assert (prefill.batch, prefill.tokens, prefill.context) == (1, 16, CONTEXT)
+    assert prefill.reads_expected is None and prefill.flops > 0
+    bound = max(prefill.bytes_accessed / 819e9, prefill.flops / 197e12) * 1e3
+    assert prefill.roofline_ms == pytest.approx(bound) and prefill.tokens_per_s == pytest.approx(16e3 / bound)
+
+
+def test_decode_reads_partition_the_weights():
+    """At batch 64 on v5e-16 (expert=8, tensor=2) a chip may have to read every expert it holds: the worst case
+    reads all its weights except the embedding rows the batch does not use; 1 - (124/128)^64 of them expected."""
+    real = Mistral4Config.from_json(REAL)
+    mesh = {"expert": 8, "tensor": 2}
+    plan = memory_plan(real, mesh, jnp.float8_e4m3fn, batch=64, context=8192)
+    reads = decode_reads(real, mesh, jnp.float8_e4m3fn, batch=64, context=8192)
+    embed_shard = 131072 * 4096 * 2 // 2
+    assert reads.worst == plan.weight_bytes_per_device - embed_shard + 64 * 4096 * 2 + plan.kv_bytes_per_device
+    assert reads.experts_read_worst == 16 and reads.experts_read_expected == pytest.approx(16 * (1 - (124 / 128) ** 64))
+    one = decode_reads(real, mesh, jnp.float8_e4m3fn, batch=1, context=8192)
+    assert (one.experts_read_expected, one.experts_read_worst) == (0.5, 4) and one.weights == reads.weights - 63 * 4096 * 2
+
+
+def test_too_big_reports_does_not_fit_with_the_figure(capsys):
+    """A 33-million-slot cache: the TPU compiler refuses the program; the CLI prints one line with the figure."""
+    argv = ["plan", "--config", REAL, "--compile", TARGET, "--mesh", "expert=4", "--dtype", "float8_e4m3fn",
+            "--layers", "1", "--context", str(2**25), "--steps", "decode", "--no-cost"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    line = [x for x in out if x.startswith("decode")]
+    assert len(line) == 1 and "does NOT fit" in line[0] and "RESOURCE_EXHAUSTED" in line[0]
+    assert "exceeds available HBM (15.75G)" in line[0]
+    assert main(argv + ["--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["steps"][0]["fits"] is False and "RESOURCE_EXHAUSTED" in record["steps"][0]["error"]
+
+
+def test_parse_targets():
+    t = aot.parse_target("v5e-16")
+    assert (t.platform, t.chips, t.topology, t.hbm_bytes) == ("tpu", 16, "v5e:4x4", 16 * 1024**3)
+    t = aot.parse_target("v5p-8")  # v5p names count TensorCores: 4 chips
+    assert (t.chips, t.topology, t.chip_config) == (4, "v5:2x2x1", "megacore")
+    assert aot.parse_target("v6e-8").topology == "v6e:2x4" and aot.parse_target("v5e-256").chips == 256
+    assert aot.parse_target("v5e:2x2").name == "v5e-4"
+    t = aot.parse_target("8xH200")
+    assert (t.platform, t.chips, t.topology, t.hbm_bytes, t.hbm_bandwidth) == ("gpu", 8, "1x1x8", 151397597184, 4.8e12)
+    assert aot.parse_target("16xH100").topology == "1x2x8"
+    assert aot.default_mesh(aot.parse_target("v5e-16"), Mistral4Config.from_json(REAL)) == {"data": 1, "expert": 8, "tensor": 2}
+
+
+@pytest.mark.parametrize("name", ["v5x-16", "v5e-12", "v5p-6", "v5e:2x2x2", "8xA999", "12xH200", "tpu"])
+def test_unknown_target_is_one_line_error(name, capsys):
+    assert main(["plan", "--config", REAL, "--compile", name]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"unknown target {name!r}" in err
+
+
+def test_mesh_must_use_the_targets_chips(capsys):
+    with pytest.raises(ValueError, match=r"v5e-4 has 4 chips: .*uses 8 devices"):
+        aot.compile_plan(REAL, "v5e-4", mesh="expert=8")
+    with pytest.raises(ValueError, match=r"'experts' dimension \(128\) is not divisible by mesh axis expert=256"):
+        aot.compile_plan(REAL, "v5e-256", mesh="expert=256")
+    assert main(["plan", "--config", REAL, "--compile", "v6e-8", "--mesh", "expert=4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "v6e-8 has 8 chips" in err
+
+
+def test_missing_or_mismatched_libtpu_names_the_extra(monkeypatch, capsys):
+    real_version = importlib.metadata.version
+
+    def missing(name):
+        if name == "libtpu":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(aot.importlib.metadata, "version", missing)
+    assert main(["plan", "--config", REAL, "--compile", "v5e-4", "--layers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "libtpu, which is not installed" in err and "mistral4-jax[tpu-aot]" in err
+    monkeypatch.setattr(aot.importlib.metadata, "version", lambda n: "0.0.1" if n == "libtpu" else real_version(n))
+    with pytest.raises(ValueError, match=r"libtpu 0.0.1 does not match jax .* \(which needs libtpu==.*mistral4-jax\[tpu-aot\]"):
+        aot.check_libtpu()
+
+
+def test_missing_cuda_plugin_names_the_extra(monkeypatch):
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda n, *a: None if n == "jax_cuda12_plugin" else real_find(n, *a))
+    with pytest.raises(ValueError, match=r"jax's CUDA plugin, which is not installed: pip install 'jax\[cuda12\]==.*'mistral4-jax\[gpu-aot\]'"):
+        aot.compile_plan(REAL, "8xH200", layers=1)
+
+
+def test_parse_collectives():
+    """Lines of compiled TPU and GPU programs: sync ops count their result, async starts their outputs."""
+    hlo = """
+  %all-gather.11 = bf16[2048,4096]{1,0:T(8,128)(2,1)S(1)} all-gather(%param), channel_id=1, dimensions={1}
+  ROOT %all-reduce = bf16[]{:T(256)} all-reduce(%convolution_reduce_fusion), channel_id=4, to_apply=%region_0.0.clone
+  %all-gather-start = (bf16[65536,4096]{1,0}, bf16[131072,4096]{1,0}) all-gather-start(%param.17), channel_id=3
+  %all-gather-done = bf16[131072,4096]{1,0} all-gather-done(%all-gather-start)
+  %all-reduce-start.2 = bf16[1,4096]{1,0} all-reduce-start(%bitcast.71.0), channel_id=1, replica_groups={{0,1,2,3}}
+  %all-reduce-done.2 = bf16[1,4096]{1,0} all-reduce-done(%all-reduce-start.2)
+  %cp = (f32[8,128]{1,0}, f32[8,128]{1,0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
+  %fusion.3 = bf16[1,4096]{1,0} fusion(%all-reduce-done.2), kind=kLoop, calls=%fused_computation.3
+"""
+    assert aot.parse_collectives(hlo) == {
+        "all-gather": (2, 2048 * 4096 * 2 + 131072 * 4096 * 2),
+        "all-reduce": (2, 2 + 4096 * 2),
+        "collective-permute": (1, 8 * 128 * 4),
+    }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="GPU compiles need the gpu-aot extra (jax[cuda12], ~5.5 GB), kept out of the test install")
+def test_compile_for_gpus():
+    plan = aot.compile_plan(REAL, "8xH200", dtype="float8_e4m3fn", batch=1, context=4096, layers=1, steps=("decode",),
+                            layer_loop="unroll")
+    decode = plan.step("decode")
+    assert plan.mesh == {"data": 1, "expert": 8, "tensor": 1} and decode.fits and decode.flops is None
+    assert plan.weight_bytes == pytest.approx(plan.plan_weight_bytes, rel=0.05)
+    assert decode.roofline_ms == pytest.approx(decode.reads_expected / 4.8e9)
+    assert [(c.kind, c.count) for c in decode.collectives] == [("all-reduce", 1)]
