@@ -177,7 +177,8 @@ def _run_compile(args: argparse.Namespace) -> int:
     from mistral4_jax.aot import compile_plan, format_compiled
 
     plan = compile_plan(configs.resolve(args.config), args.compile, mesh=args.mesh, dtype=args.dtype,
-                        compute_dtype=args.compute_dtype,                        cache_dtype=args.cache_dtype, batch=args.batch, context=args.context, chunk=args.chunk,
+                        compute_dtype=args.compute_dtype,
+                        cache_dtype=args.cache_dtype, batch=args.batch, context=args.context, chunk=args.chunk,
                         steps=[s.strip() for s in args.steps.split(",") if s.strip()], layers=args.layers,
                         layer_loop=args.layer_loop, cost=not args.no_cost)
     print(json.dumps(plan.to_dict()) if args.json else format_compiled(plan))
