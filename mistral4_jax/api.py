@@ -64,6 +64,9 @@ class Mistral4:
     "unroll" unstacks them into per-layer arrays and unrolls the loop (compile time grows with depth;
     on CPU much faster, because XLA:CPU copies each layer's weights out of the stack where the scan
     reads them). "auto" (the default): "unroll" on CPU without a mesh, else "scan".
+    `moe_backend`: the routed experts' kernel (`model.routed_experts`): "loop" (a traced loop over the
+    chosen experts, fastest on CPU) or "ragged" (static shapes: grouped matmuls, or for decode a slice of
+    each chosen expert); "auto" (the default) = "loop" on CPU, "ragged" on TPU/GPU. Same results.
     `vision_config` / `vision_params`: the Pixtral tower + Mistral 3 projector (`vision.VisionConfig`, the
     tree of `vision.read_vision_params` / `vision.init_params`), or None for a text-only model. Images
     (`logits(..., images=)`, `generate(..., images=)`, image parts in `chat`) need them.
@@ -75,9 +78,11 @@ class Mistral4:
     verbose: bool = True
 
     def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
-                 mesh: Any = None, layer_loop: str = "auto", vision_config: Any = None, vision_params: Any = None) -> None:
+                 mesh: Any = None, layer_loop: str = "auto", vision_config: Any = None, vision_params: Any = None,
+                 moe_backend: str = "auto") -> None:
         if layer_loop not in ("auto", "scan", "unroll"):
             raise ValueError(f"layer_loop must be 'auto', 'scan' or 'unroll', got {layer_loop!r}")
+        self.moe_backend = M.resolve_moe_backend(moe_backend, mesh)
         if layer_loop == "auto":
             layer_loop = "unroll" if mesh is None and jax.default_backend() == "cpu" else "scan"
         self.config = config
@@ -177,7 +182,7 @@ class Mistral4:
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
         """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code)."""
         return M.forward(params, self.config, input_ids, positions, key_valid, dtype=self.compute_dtype,
-                         param_dtype=self.dtype, mesh=self.mesh, **kwargs)
+                         param_dtype=self.dtype, mesh=self.mesh, moe_backend=self.moe_backend, **kwargs)
 
     def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False,
                       image_features: jax.Array | None = None):
@@ -374,7 +379,7 @@ class Mistral4:
 
 
 def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
-         shardings: Any = None, layer_loop: str = "auto", text_only: bool = False) -> Mistral4:
+         shardings: Any = None, layer_loop: str = "auto", text_only: bool = False, moe_backend: str = "auto") -> Mistral4:
     """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
     checkpoint directory (config.json + safetensors).
 
@@ -386,7 +391,7 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     placed while loading, as `checkpoint.restore_params` accepts (one `Sharding`, a tree of them, or a
     callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `sharding.RULES` on
     `mesh` if given, else the default device. A converted checkpoint is restored straight into them.
-    layer_loop: see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
+    layer_loop, moe_backend: see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
     as `model.tokenizer` when present.
     Vision: an HF `mistral3` checkpoint's vision tower and projector (`vision_config` in config.json, tensors
     `vision_tower.*` / `multi_modal_projector.*`), or those a converted checkpoint holds, are loaded as
@@ -423,7 +428,7 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     if compute_dtype is None and M.is_fp8(jdtype):
         compute_dtype = default_compute_dtype(jnp.bfloat16)
     model = Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh, layer_loop=layer_loop,
-                     vision_config=vcfg, vision_params=vparams)
+                     vision_config=vcfg, vision_params=vparams, moe_backend=moe_backend)
     model.tokenizer = _find_tokenizer(path)
     return model
 

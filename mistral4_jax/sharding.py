@@ -160,9 +160,13 @@ def batch_spec(mesh: Mesh, batch: int, ndim: int) -> P:
     return P(axis if axis and batch % mesh.shape[axis] == 0 else None, *([None] * (ndim - 1)))
 
 
+EXPERT_ROWS_SLACK = 1.25
+"""Grouped matmuls on an expert shard take this times its even share of the token copies per call."""
+
+
 def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: jax.Array,
                            gate: jax.Array, up: jax.Array, down: jax.Array, scales: Any = None,
-                           act: Any = jax.nn.silu) -> jax.Array:
+                           act: Any = jax.nn.silu, backend: str = "loop") -> jax.Array:
     """Expert-parallel `model.routed_experts` under `shard_map`: x [T, D] -> [T, D].
 
     Each (expert, tensor) shard holds E/expert experts with F/tensor of their hidden units and computes
@@ -172,6 +176,10 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     at the batch sizes of inference (decode: B tokens per step) the all-reduce of a [T, D] activation
     per layer costs less than moving the expert weights; an all-to-all pays off for large prefill
     batches on many expert shards.
+
+    `backend` is `routed_experts`' kernel. With "ragged" and more token copies than experts per shard,
+    each shard's grouped matmuls take `EXPERT_ROWS_SLACK` x its even share (T*K / expert shards) of
+    the copies per call, looping in the rare case that more were routed to it.
     """
     from .model import routed_experts
 
@@ -181,13 +189,16 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     e_ax, f_ax = RULES["experts"], RULES["expert_mlp"]
 
     manual = tuple(a for a in (e_ax, f_ax) if a)
+    t_local = x.shape[0] // (mesh.shape[tok] if tok else 1)
+    rows = -(-int(t_local * ids.shape[1] * EXPERT_ROWS_SLACK) // ep // 8) * 8
 
     def body(x, ids, weights, gate, up, down, scales):
         # tokens are the same on every expert/tensor shard; mark them as varying there so that values
         # mixing tokens and local weights (e.g. the expert loop and its lax.switch) have one type
         x, ids, weights = (_vary(a, manual) for a in (x, ids, weights))
         first = jax.lax.axis_index(e_ax) * local if e_ax else 0
-        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales, act=act)
+        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales, act=act, backend=backend,
+                           rows=rows)
         return jax.lax.psum(y, manual)
 
     shard_map = getattr(jax, "shard_map", None)
