@@ -45,7 +45,7 @@ class Parsed:
     sampling: SamplingParams | None = None
     seed: int = 0
     reasoning_effort: str | None = None
-    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's eos
+    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's eos; (): no stop token
     error: str | None = None
 
 
@@ -80,13 +80,13 @@ def _request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     if effort is not None and effort not in REASONING_EFFORTS:
         raise ValueError(f"'reasoning_effort' must be one of {', '.join(map(repr, REASONING_EFFORTS))}, got {effort!r}")
     stops = opts.get("stop_token_ids")
-    if stops is not None and (not isinstance(stops, list) or not stops
+    if stops is not None and (not isinstance(stops, list)
                               or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in stops)):
-        raise ValueError(f"'stop_token_ids' must be a non-empty list of token ids, got {stops!r}")
+        raise ValueError(f"'stop_token_ids' must be a list of token ids ([] = no stop token), got {stops!r}")
     sampling = SamplingParams(*(opts.get(k, getattr(SamplingParams, k)) for k in _SAMPLING))  # checks the ranges
     return dict(messages=messages, max_new_tokens=_int(opts, limit, 1), sampling=sampling,
                 seed=_int(opts, "seed", 0, 2**32) if "seed" in opts else 0, reasoning_effort=effort,
-                stop_token_ids=tuple(stops) if stops else None)
+                stop_token_ids=None if stops is None else tuple(stops))
 
 
 def parse(lines: list[str], defaults: dict[str, Any] | None = None, source: str = "input") -> list[Parsed]:
@@ -137,7 +137,7 @@ def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dic
             prompt, images = model.encode_chat(p.messages, reasoning_effort=p.reasoning_effort)  # decodes images
             if max(prompt) >= model.config.vocab_size:
                 raise ValueError(f"the tokenizer produced ids up to {max(prompt)}, outside the model's vocabulary")
-            stops = p.stop_token_ids or (tok.eos_id,)
+            stops = (tok.eos_id,) if p.stop_token_ids is None else p.stop_token_ids
         except (ValueError, TypeError, KeyError, OSError) as e:
             results[i] = {"id": p.id, "error": f"line {p.line}: {e}"}
             continue

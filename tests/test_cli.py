@@ -114,7 +114,7 @@ BAD = [
     ({"id": "k", "messages": HELLO, "max_tokens": 3, "max_new_tokens": 3}, "line 11: give one of 'max_tokens' and"),
     ({"id": "l", "messages": [{"content": "x"}]}, "line 12: messages[0] must be an object with a string 'role'"),
     ({"id": "m", "messages": HELLO, "reasoning_effort": "max"}, "line 13: 'reasoning_effort' must be one of 'none', "),
-    ({"id": "n", "messages": HELLO, "stop_token_ids": [2, -1]}, "line 14: 'stop_token_ids' must be a non-empty list"),
+    ({"id": "n", "messages": HELLO, "stop_token_ids": [2, -1]}, "line 14: 'stop_token_ids' must be a list of token ids"),
     ([1, 2], "line 15: expected a JSON object, got list"),
     ({"id": True, "messages": HELLO}, "line 16: 'id' must be a string or an integer, got True"),
 ]
@@ -170,3 +170,13 @@ def test_parse_applies_defaults_and_request_values():
     assert (b.max_new_tokens, b.sampling.temperature, b.sampling.top_p, b.seed) == (7, 0.5, 0.9, 3)
     assert (b.reasoning_effort, b.stop_token_ids) == ("high", (5,))
     assert (c.max_new_tokens, c.sampling.temperature) == (16, 0.2)  # null means "the default"
+
+
+def test_batch_stop_token_ids_empty_means_no_stop_token():
+    """In a batch line, `stop_token_ids: []` means no stop token (as in `model.generate`), absent means eos."""
+    msg = [{"role": "user", "content": "hi"}]
+    none, default, ids = batch.parse([json.dumps({"messages": msg, "stop_token_ids": []}), json.dumps({"messages": msg}),
+                                      json.dumps({"messages": msg, "stop_token_ids": [2, 5]})])
+    assert (none.error, none.stop_token_ids) == (None, ())
+    assert (default.error, default.stop_token_ids) == (None, None)
+    assert ids.stop_token_ids == (2, 5)
