@@ -849,6 +849,7 @@ from orbax.checkpoint.experimental.v1._src.partial import saving
 from mistral4_jax.cli import main
 from mistral4_jax.convert import lazy
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when started in the background
 where, n = None, 0
 
 def interrupt(point):  # SIGINT to this process on the n-th call at `point`

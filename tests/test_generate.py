@@ -57,19 +57,20 @@ def test_absorbed_decode_equals_expanded_forward(pair, prompts):
     seq = np.asarray(prompts[1] + prompts[2])[None]
     full = model.logits(seq)[0]
     t0, s = 7, seq.shape[1]
-    cache = M.init_cache(CFG, 1, s + 3)
     pos = np.arange(s)[None]
-    logits, _, cache = model.apply(model.params, seq[:, :t0], pos[:, :t0], jnp.ones((1, t0), bool), cache=cache)
+    prefill = jax.jit(lambda p, ids, pos, cache: model.apply(p, ids, pos, jnp.ones(ids.shape, bool), cache=cache))
+    decode = jax.jit(lambda p, ids, pos, cache, index: model.apply(p, ids, pos, jnp.ones(ids.shape, bool), cache=cache,
+                                                                     index=index, decode=True))
+    cache = M.init_cache(CFG, 1, s + 3)
+    logits, _, cache = prefill(model.params, seq[:, :t0], pos[:, :t0], cache)
     np.testing.assert_allclose(np.asarray(logits[0]), full[:t0], atol=1e-4)
-    for i in range(t0, s):
-        logits, _, cache = model.apply(model.params, seq[:, i:i + 1], pos[:, i:i + 1], jnp.ones((1, 1), bool),
-                                       cache=cache, index=i, decode=True)
+    for i in range(t0, s):  # one compiled step, the index traced
+        logits, _, cache = decode(model.params, seq[:, i:i + 1], pos[:, i:i + 1], cache, jnp.int32(i))
         np.testing.assert_allclose(np.asarray(logits[0, 0]), full[i], atol=1e-4)
     # a decode step over several tokens at once is the same computation
     cache2 = M.init_cache(CFG, 1, s)
-    _, _, cache2 = model.apply(model.params, seq[:, :t0], pos[:, :t0], jnp.ones((1, t0), bool), cache=cache2)
-    logits, _, _ = model.apply(model.params, seq[:, t0:], pos[:, t0:], jnp.ones((1, s - t0), bool),
-                               cache=cache2, index=t0, decode=True)
+    _, _, cache2 = prefill(model.params, seq[:, :t0], pos[:, :t0], cache2)
+    logits, _, _ = decode(model.params, seq[:, t0:], pos[:, t0:], cache2, jnp.int32(t0))
     np.testing.assert_allclose(np.asarray(logits[0]), full[t0:], atol=1e-4)
     assert cache["layers_moe"][0].shape == (CFG.num_moe_layers, 1, s + 3, CFG.kv_lora_rank)
 
