@@ -41,7 +41,7 @@ import numpy as np
 
 import mistral4_jax
 from mistral4_jax import checkpoint as ckpt
-from mistral4_jax import hf
+from mistral4_jax.weights import hf
 from mistral4_jax import model as M
 
 from .cli import OUTPUT_DTYPES
@@ -343,14 +343,14 @@ def vision_config(source: Source) -> Any:
     suggesting --text-only, when the config has none or it does not fit."""
     import json
 
-    from mistral4_jax import vision
+    from mistral4_jax.model.vision_config import VisionConfig
 
     if source.format == "hf":
         file = source.files.get("source_config.json", os.path.join(source.path, "config.json"))
-        read = vision.VisionConfig.from_hf_dict
+        read = VisionConfig.from_hf_dict
     else:
         file = os.path.join(source.path, "params.json")
-        read = vision.VisionConfig.from_mistral_params
+        read = VisionConfig.from_mistral_params
     with open(file) as f:
         raw = json.load(f)
     try:
@@ -363,7 +363,7 @@ def vision_config(source: Source) -> Any:
 def read_vision(source: Source, vcfg: Any, target: dict[str, Any]) -> dict[str, Any]:
     """The vision piece as numpy arrays in the target dtypes (bfloat16/float32, never FP8): every vision tensor
     read (FP8 sources dequantised), checked and laid out by `vision.read_vision_params`."""
-    from mistral4_jax import vision
+    from mistral4_jax.weights import vision
 
     dt = np.dtype(jax.tree_util.tree_leaves(target)[0].dtype)
     get = vision.tensor_getter(source.index, source.path, source.fp8_block)

@@ -1,9 +1,9 @@
-"""The public entry points: `load(path)` and the `Mistral4` model object."""
+"""The `Mistral4` model object (the facade over config, parameters and jitted functions); `weights.load`
+builds one from a checkpoint directory."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,7 +104,7 @@ class Mistral4:
         self.vision_params: Any = None
         self.image_processor: Any = None
         if vision_config is not None:
-            from .image import ImageProcessor
+            from .serve.image import ImageProcessor
 
             if vision_config.text_hidden_size != config.hidden_size:
                 raise ValueError(f"vision config text_hidden_size ({vision_config.text_hidden_size}) differs from the "
@@ -133,7 +133,7 @@ class Mistral4:
         arrays [3, H, W] (taken as already preprocessed), or image sources (paths, bytes, data URIs, PIL
         images, uint8 arrays), preprocessed with `self.image_processor` (transformers' resize).
         ValueError naming the image for bad input or a model without a vision tower."""
-        from .image import describe
+        from .serve.image import describe
 
         self.require_vision()
         if not isinstance(images, (list, tuple)):
@@ -152,14 +152,14 @@ class Mistral4:
     def image_features(self, images: Any) -> jax.Array:
         """Image embeddings [M, hidden] (compute dtype) of a list of images (see `pixel_values`), in order:
         row m replaces the m-th `[IMG]` token of the prompt."""
-        from .vision import image_features
+        from .model.vision import image_features
 
         return image_features(self.vision_params, self.vision_config, self.pixel_values(images), dtype=self.compute_dtype)
 
     def request_image_features(self, prompts: Sequence[Any], images: Sequence[Any]) -> jax.Array:
         """Features of every prompt's images, prompts in order (batch rows), padded to `feature_bucket` rows;
         ValueError naming the prompt when its `[IMG]` tokens and its images' features differ in number."""
-        from .vision import num_image_tokens
+        from .model.vision import num_image_tokens
 
         self.require_vision()
         if len(images) != len(prompts):
@@ -221,7 +221,7 @@ class Mistral4:
         ids, mask = self._check_inputs(input_ids, attention_mask)
         if images is None or (isinstance(images, (list, tuple)) and not images):
             return self._forward(self.params, ids, mask, last_only=last_only)
-        from .vision import check_image_token_count
+        from .model.vision import check_image_token_count
 
         self.require_vision()
         feats = self.image_features(images)
@@ -376,103 +376,3 @@ class Mistral4:
         """Parameters of the text model and, if loaded, the vision tower and projector."""
         trees = [self.params] + ([self.vision_params] if self.vision_params is not None else [])
         return sum(int(np.prod(x.shape)) for t in trees for x in jax.tree_util.tree_leaves(t))
-
-
-def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
-         shardings: Any = None, layer_loop: str = "auto", text_only: bool = False, moe_backend: str = "auto") -> Mistral4:
-    """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
-    checkpoint directory (config.json + safetensors).
-
-    dtype: storage dtype of the parameters ("float32", "bfloat16", "float16", or "float8_e4m3fn" for the
-    FP8 weights of a checkpoint converted with `--dtype float8_e4m3fn`); a converted checkpoint is cast
-    (FP8 dequantised) while it is read. compute_dtype defaults to float32 on CPU and to `dtype` elsewhere
-    (bfloat16 for FP8 weights).
-    mesh: the device mesh the model runs on (`sharding.make_mesh`). shardings: where each parameter is
-    placed while loading, as `checkpoint.restore_params` accepts (one `Sharding`, a tree of them, or a
-    callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `sharding.RULES` on
-    `mesh` if given, else the default device. A converted checkpoint is restored straight into them.
-    layer_loop, moe_backend: see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
-    as `model.tokenizer` when present.
-    Vision: an HF `mistral3` checkpoint's vision tower and projector (`vision_config` in config.json, tensors
-    `vision_tower.*` / `multi_modal_projector.*`), or those a converted checkpoint holds, are loaded as
-    `model.vision_config` / `model.vision_params`, stored in `dtype` (bfloat16 when `dtype` is FP8) and
-    replicated over the mesh; `text_only=True` skips them (`model.vision_config` is then None).
-    """
-    from . import checkpoint, hf
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: {path}")
-    jdtype = resolve_dtype(dtype)
-    converted = checkpoint.is_checkpoint(path)
-    if not converted and M.is_fp8(jdtype):
-        raise ValueError(f"{path}: FP8 weights load from a converted checkpoint: "
-                         f"run `mistral4-jax convert {path} DST --dtype float8_e4m3fn` first")
-    config = checkpoint.read_config(path) if converted else Mistral4Config.from_json(os.path.join(path, "config.json"))
-    if shardings is None and mesh is not None:
-        from .sharding import param_shardings
-
-        floats = checkpoint.read_manifest(path).get("float_weights", []) if converted else []
-        shardings = param_shardings(config, mesh, jdtype, float_weights=floats)
-    if converted:
-        config, params = checkpoint.restore_params(path, jdtype, shardings)
-    else:
-        params = hf.read_params(path, config, np.dtype(jdtype))
-        if shardings is None:
-            params = jax.device_put(params)
-        else:
-            abstract = M.abstract_params(config, jdtype)
-            params = jax.device_put(params, checkpoint.resolve_shardings(shardings, config, jdtype, abstract))
-    log.info("loaded %s (%d layers) from %s", type(config).__name__, config.num_hidden_layers, path)
-    vcfg, vparams = (None, None) if text_only else _load_vision(path, converted, vision_dtype(jdtype))
-    if compute_dtype is None and M.is_fp8(jdtype):
-        compute_dtype = default_compute_dtype(jnp.bfloat16)
-    model = Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh, layer_loop=layer_loop,
-                     vision_config=vcfg, vision_params=vparams, moe_backend=moe_backend)
-    model.tokenizer = _find_tokenizer(path)
-    return model
-
-
-def _load_vision(path: str, converted: bool, dtype: Any) -> tuple[Any, Any]:
-    """(VisionConfig, numpy/jax vision params in `dtype`) of a checkpoint directory, or (None, None) if it has
-    no vision tower. ValueError for a vision config or vision tensors that do not fit."""
-    import json
-
-    from . import checkpoint, vision
-    from .hf import fp8_block_size
-    from .safetensors_io import TensorIndex
-
-    if converted:
-        vcfg = checkpoint.read_vision_config(path)
-        if vcfg is None:
-            return None, None
-        return vcfg, checkpoint.restore_vision(path, dtype)
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    if raw.get("model_type") != "mistral3" or not isinstance(raw.get("vision_config"), dict):
-        return None, None
-    try:
-        vcfg = vision.VisionConfig.from_hf_dict(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}/config.json: {e} (load with text_only=True to skip the vision tower)") from None
-    index = TensorIndex.open(path)
-    if not any(vision.is_vision_name(n) for n in index.names()):
-        log.warning("%s: the config has a vision_config but the checkpoint has no vision tensors: loading text only", path)
-        return None, None
-    vparams = vision.read_vision_params(vision.tensor_getter(index, path, fp8_block_size(raw)), index.names(), vcfg,
-                                        np.dtype(dtype))
-    log.info("loaded the vision tower (%d layers) and projector from %s", vcfg.num_hidden_layers, path)
-    return vcfg, vparams
-
-
-def _find_tokenizer(path: str) -> Any:
-    """The tokenizer stored in `path`, or None (with a warning if one is there but cannot be read)."""
-    from .chat import Tokenizer
-
-    if not any(os.path.exists(os.path.join(path, n)) for n in ("tekken.json", "tokenizer.json")):
-        return None
-    try:
-        return Tokenizer.from_dir(path)
-    except (ImportError, ValueError, FileNotFoundError) as e:
-        log.warning("%s: tokenizer not loaded (%s)", path, e)
-        return None

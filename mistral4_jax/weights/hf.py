@@ -23,10 +23,12 @@ import os
 import re
 from typing import Any
 
+import jax
 import numpy as np
 
-from .config import Mistral4Config
-from .safetensors_io import TensorIndex
+from ..config import Mistral4Config
+from ..model import layer_groups as model_layer_groups
+from .safetensors import TensorIndex
 
 _PREFIXES = (
     ("model.language_model.", "model."),
@@ -285,10 +287,8 @@ def read_globals(r: HFReader, cfg: Mistral4Config) -> dict[str, Any]:
 
 def layer_groups(cfg: Mistral4Config) -> list[tuple[str, range]]:
     """Our stacked layer groups and the HF layer indices each holds."""
-    from .model import layer_groups as groups
-
     out, start = [], 0
-    for name, n, _ in groups(cfg):
+    for name, n, _ in model_layer_groups(cfg):
         out.append((name, range(start, start + n)))
         start += n
     return out
@@ -302,8 +302,6 @@ def read_params(directory: str, cfg: Mistral4Config, dtype: Any = np.float32) ->
 
     Raises ValueError naming the tensor for missing, unexpected, mis-shaped or wrongly typed tensors.
     """
-    import jax
-
     with open(os.path.join(directory, "config.json")) as f:
         block = fp8_block_size(json.load(f))
     r = HFReader(TensorIndex.open(directory), directory, block)
