@@ -366,7 +366,7 @@ def read_vision(source: Source, vcfg: Any, target: dict[str, Any]) -> dict[str, 
     from mistral4_jax.weights import vision
 
     dt = np.dtype(jax.tree_util.tree_leaves(target)[0].dtype)
-    get = vision.tensor_getter(source.index, source.path, source.fp8_block)
+    get = hf.HFReader(source.index, source.path, source.fp8_block, vision=True).get
     return vision.read_vision_params(get, source.index.names(), vcfg, dt)
 
 

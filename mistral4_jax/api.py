@@ -14,6 +14,7 @@ import numpy as np
 from .chat.session import ChatResult, ChatSession
 from .config import Mistral4Config
 from .distributed import to_host
+from .generate import bucket
 from . import model as M
 
 log = logging.getLogger(__name__)
@@ -41,17 +42,6 @@ def default_compute_dtype(dtype: Any) -> Any:
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position of each token = number of real tokens before it (left or right padding): [B, T] int32."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def vision_dtype(dtype: Any) -> Any:
-    """Storage dtype of the vision tower and projector for text weights in `dtype`: bfloat16 when the text
-    weights are FP8 (the released checkpoint keeps vision in bf16), else the same float dtype."""
-    return jnp.bfloat16 if M.is_fp8(dtype) else resolve_dtype(dtype)
-
-
-def feature_bucket(n: int, minimum: int = 16) -> int:
-    """Image feature rows are padded to a power of two (≥ 16) so that prefill compiles once per bucket."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 class Mistral4:
@@ -157,7 +147,7 @@ class Mistral4:
         return image_features(self.vision_params, self.vision_config, self.pixel_values(images), dtype=self.compute_dtype)
 
     def request_image_features(self, prompts: Sequence[Any], images: Sequence[Any]) -> jax.Array:
-        """Features of every prompt's images, prompts in order (batch rows), padded to `feature_bucket` rows;
+        """Features of every prompt's images, prompts in order (batch rows), padded to `generate.bucket` rows;
         ValueError naming the prompt when its `[IMG]` tokens and its images' features differ in number."""
         from .model.vision import num_image_tokens
 
@@ -176,7 +166,7 @@ class Mistral4:
                                  "the images)")
             pixels.extend(px)
         feats = self.image_features(pixels) if pixels else jnp.zeros((0, self.config.hidden_size), self.compute_dtype)
-        pad = feature_bucket(feats.shape[0]) - feats.shape[0]
+        pad = bucket(feats.shape[0]) - feats.shape[0]
         return jnp.pad(feats, ((0, pad), (0, 0)))
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
@@ -226,7 +216,7 @@ class Mistral4:
         self.require_vision()
         feats = self.image_features(images)
         check_image_token_count(ids, feats.shape[0], self.vision_config.image_token_index)
-        feats = jnp.pad(feats, ((0, feature_bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
+        feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
         return self._forward(self.params, ids, mask, last_only=last_only, image_features=feats)
 
     def logits(self, input_ids: Any, attention_mask: Any = None, images: Any = None) -> np.ndarray:

@@ -28,6 +28,7 @@ from transformers.models.pixtral import image_processing_pil_pixtral
 from mistral4_jax.model import vision as V
 from mistral4_jax.serve import image as I
 from mistral4_jax.weights import vision as WV
+from mistral4_jax.weights.hf import HFReader, is_vision_name
 from mistral4_jax.weights.safetensors import TensorIndex
 from helpers import TINY
 
@@ -74,7 +75,7 @@ def vcfg(hf):
 @pytest.fixture(scope="module")
 def params(hf, vcfg):
     index = TensorIndex.open(hf[1])
-    return WV.read_vision_params(WV.tensor_getter(index, hf[1]), index.names(), vcfg)
+    return WV.read_vision_params(HFReader(index, hf[1], vision=True).get, index.names(), vcfg)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,7 @@ def test_native_and_in_memory_names_read_the_same_params(hf, vcfg, params):
 ])
 def test_read_errors_name_the_tensor(hf, vcfg, case, message):
     index = TensorIndex.open(hf[1])
-    state = {n: np.asarray(index.get(n), np.float32) for n in index.names() if WV.is_vision_name(n)}
+    state = {n: np.asarray(index.get(n), np.float32) for n in index.names() if is_vision_name(n)}
     if case == "missing":
         del state["vision_tower.transformer.layers.1.ffn_norm.weight"]
     elif case == "shape":

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral4_jax.model import apply_rope
+from mistral4_jax.model import RMSNorm, apply_rope, is_fp8
 
 from ..activations import ACTIVATIONS
 from .vision_config import VisionConfig
@@ -146,6 +146,12 @@ def block_attention(q: Array, k: Array, v: Array, segments: Array, scale: float,
 
 
 # ------------------------------------------------------------------------------------------ modules
+def vision_dtype(dtype: Any) -> np.dtype:
+    """Storage dtype of the vision tower and projector for text weights in `dtype`: bfloat16 when the text
+    weights are FP8 (the released checkpoint keeps vision in bf16; vision weights are never FP8), else `dtype`."""
+    return jnp.dtype(jnp.bfloat16) if is_fp8(dtype) else jnp.dtype(dtype)
+
+
 def _normal(std: float = 0.02):
     return nn.initializers.normal(stddev=std)
 
@@ -164,17 +170,9 @@ class _VBase(nn.Module):
         return jnp.asarray(w).astype(self.dtype)
 
 
-class VisionRMSNorm(_VBase):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast to the compute dtype, times `scale` [D]."""
-
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.weight("scale", ("vision_norm",), (x.shape[-1],), nn.initializers.ones)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return scale * y.astype(self.dtype)
+def _norm(parent: _VBase, eps: float, name: str) -> RMSNorm:
+    """The text model's RMSNorm (float32 statistics, `scale` [D] on the "vision_norm" axis) as a child of `parent`."""
+    return RMSNorm(parent.cfg, parent.dtype, parent.param_dtype, eps=eps, axis="vision_norm", name=name)
 
 
 class PatchEmbed(_VBase):
@@ -185,7 +183,7 @@ class PatchEmbed(_VBase):
         c = self.cfg
         w = self.weight("patch_conv", ("vision_patch", "vision_embed"), (c.patch_dim, c.hidden_size))
         h = patches.astype(self.dtype) @ w
-        return VisionRMSNorm(c, self.dtype, self.param_dtype, c.norm_eps, name="ln_pre")(h)
+        return _norm(self, c.norm_eps, "ln_pre")(h)
 
 
 class VisionAttention(_VBase):
@@ -229,10 +227,9 @@ class VisionLayer(_VBase):
     def __call__(self, h: Array, cos: Array, sin: Array, segments: Array) -> Array:
         c = self.cfg
         sub = (c, self.dtype, self.param_dtype)
-        a = VisionAttention(*sub, block=self.block, name="attention")(
-            VisionRMSNorm(*sub, c.norm_eps, name="attention_norm")(h), cos, sin, segments)
-        h = h + a
-        return h + VisionMLP(*sub, name="feed_forward")(VisionRMSNorm(*sub, c.norm_eps, name="ffn_norm")(h))
+        attention = VisionAttention(*sub, block=self.block, name="attention")
+        h = h + attention(_norm(self, c.norm_eps, "attention_norm")(h), cos, sin, segments)
+        return h + VisionMLP(*sub, name="feed_forward")(_norm(self, c.norm_eps, "ffn_norm")(h))
 
 
 class Projector(_VBase):
@@ -248,7 +245,7 @@ class Projector(_VBase):
     def __call__(self, feats: Array, merge_index: Array) -> Array:
         c = self.cfg
         d, t, w = c.hidden_size, c.text_hidden_size, c.spatial_merge_size ** 2
-        x = VisionRMSNorm(c, self.dtype, self.param_dtype, c.projector_norm_eps, name="norm")(feats)
+        x = _norm(self, c.projector_norm_eps, "norm")(feats)
         windows = x[merge_index]  # [M, W, D]
         merging = self.weight("merging_layer", ("vision_window", "vision_embed", "vision_merged"), (w, d, d))
         h = jnp.einsum("mwd,wde->me", windows, merging)

@@ -14,14 +14,15 @@ import numpy as np
 
 from .. import checkpoint
 from .. import model as M
-from ..api import Mistral4, default_compute_dtype, resolve_dtype, vision_dtype
+from ..api import Mistral4, default_compute_dtype, resolve_dtype
 from ..chat import Tokenizer
 from ..config import Mistral4Config
+from ..model.vision import vision_dtype
 from ..model.vision_config import VisionConfig
 from ..sharding import param_shardings
-from .hf import fp8_block_size, read_params
+from .hf import HFReader, fp8_block_size, is_vision_name, read_params
 from .safetensors import TensorIndex
-from .vision import is_vision_name, read_vision_params, tensor_getter
+from .vision import read_vision_params
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _load_vision(path: str, converted: bool, dtype: Any) -> tuple[Any, Any]:
     if not any(is_vision_name(n) for n in index.names()):
         log.warning("%s: the config has a vision_config but the checkpoint has no vision tensors: loading text only", path)
         return None, None
-    vparams = read_vision_params(tensor_getter(index, path, fp8_block_size(raw)), index.names(), vcfg,
+    vparams = read_vision_params(HFReader(index, path, fp8_block_size(raw), vision=True).get, index.names(), vcfg,
                                         np.dtype(dtype))
     log.info("loaded the vision tower (%d layers) and projector from %s", vcfg.num_hidden_layers, path)
     return vcfg, vparams

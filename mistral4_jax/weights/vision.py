@@ -11,19 +11,10 @@ import jax
 import numpy as np
 
 from ..model.vision_config import VisionConfig
+from .hf import is_vision_name
 
-# --------------------------------------------------------------------------------- weight reading
 _SCALE_SUFFIXES = ("_scale_inv", ".weight_scale", ".activation_scale", ".input_scale", ".qscale_weight", ".qscale_act")
-_VISION_PREFIXES = (
-    "vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
-    "vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.",
-)
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
-
-
-def is_vision_name(name: str) -> bool:
-    """Whether a checkpoint tensor belongs to the vision tower or the projector (HF or native names)."""
-    return name.startswith(_VISION_PREFIXES)
 
 
 def vision_names(names: Iterable[str]) -> tuple[str, str]:
@@ -59,7 +50,7 @@ def read_vision_params(get: Callable[[str, tuple[int, ...]], np.ndarray], names:
                        dtype: Any = np.float32) -> dict[str, Any]:
     """The vision parameter tree (numpy, `dtype`, our layout, layers stacked) from a checkpoint.
 
-    get(name, shape) -> float32 numpy array, checking the shape (and dequantising FP8), e.g. `tensor_getter`;
+    get(name, shape) -> float32 numpy array, checking the shape (and dequantising FP8), e.g. `hf.HFReader(index, where, block, vision=True).get`;
     names: every tensor name of the checkpoint (to pick the naming scheme and to reject unexpected vision tensors).
 
     HF names (prefix `vision_tower.` / `model.vision_tower.`, projector `multi_modal_projector.` /
@@ -146,29 +137,3 @@ def read_vision_params(get: Callable[[str, tuple[int, ...]], np.ndarray], names:
             hint += " (the config says multimodal_projector_bias = false)"
         raise ValueError(f"unexpected vision tensor {extra[0]!r}{hint}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), out)
-
-
-def tensor_getter(index: Any, where: str, fp8_block: tuple[int, int] = (128, 128)) -> Callable[[str, tuple[int, ...]], np.ndarray]:
-    """get(name, shape) over a `safetensors_io.TensorIndex`: checks the shape and a float (or FP8) dtype,
-    returns float32 (FP8 dequantised with its `weight_scale_inv` / `qscale_weight`). For `read_vision_params`,
-    since `hf.HFReader` deliberately skips vision tensors."""
-    from .hf import dequantize_fp8
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in index:
-            raise ValueError(f"{where}: missing tensor {name!r}")
-        actual = tuple(index.shape(name))
-        if actual != tuple(shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {actual}, expected {tuple(shape)}")
-        dt = np.dtype(index.dtype(name))
-        if dt.name in ("float8_e4m3fn", "float8_e5m2"):
-            base = name[: -len(".weight")] if name.endswith(".weight") else name
-            for cand in (name + "_scale_inv", base + ".weight_scale_inv", base + ".qscale_weight"):
-                if cand in index:
-                    return dequantize_fp8(index.get(name), np.asarray(index.get(cand), np.float32), name, fp8_block)
-            raise ValueError(f"{where}: FP8 tensor {name!r} has no scale")
-        if dt.name not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"{where}: tensor {name!r} has unsupported dtype {dt.name}, expected a float dtype")
-        return np.asarray(index.get(name), dtype=np.float32)
-
-    return get
