@@ -11,11 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import model as M
+from .chat import has_image_parts, parse_answer
 from .chat.session import ChatResult, ChatSession
 from .config import Mistral4Config
 from .distributed import to_host
-from .generate import bucket
-from . import model as M
+from .generate import Generator, Request, bucket
+from .model.vision import check_image_token_count, image_features, num_image_tokens
+from .sampling import SamplingParams
+from .serve.image import ImageProcessor, describe
+from .sharding import param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +83,6 @@ class Mistral4:
         self.config = config
         self.dtype = resolve_dtype(dtype)
         if mesh is not None:
-            from .sharding import param_shardings
-
             floats = M.stored_float_weights(params)
             params = jax.device_put(params, param_shardings(config, mesh, self.dtype, float_weights=floats))
         self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
@@ -94,8 +97,6 @@ class Mistral4:
         self.vision_params: Any = None
         self.image_processor: Any = None
         if vision_config is not None:
-            from .serve.image import ImageProcessor
-
             if vision_config.text_hidden_size != config.hidden_size:
                 raise ValueError(f"vision config text_hidden_size ({vision_config.text_hidden_size}) differs from the "
                                  f"text model's hidden_size ({config.hidden_size})")
@@ -123,8 +124,6 @@ class Mistral4:
         arrays [3, H, W] (taken as already preprocessed), or image sources (paths, bytes, data URIs, PIL
         images, uint8 arrays), preprocessed with `self.image_processor` (transformers' resize).
         ValueError naming the image for bad input or a model without a vision tower."""
-        from .serve.image import describe
-
         self.require_vision()
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -142,15 +141,11 @@ class Mistral4:
     def image_features(self, images: Any) -> jax.Array:
         """Image embeddings [M, hidden] (compute dtype) of a list of images (see `pixel_values`), in order:
         row m replaces the m-th `[IMG]` token of the prompt."""
-        from .model.vision import image_features
-
         return image_features(self.vision_params, self.vision_config, self.pixel_values(images), dtype=self.compute_dtype)
 
     def request_image_features(self, prompts: Sequence[Any], images: Sequence[Any]) -> jax.Array:
         """Features of every prompt's images, prompts in order (batch rows), padded to `generate.bucket` rows;
         ValueError naming the prompt when its `[IMG]` tokens and its images' features differ in number."""
-        from .model.vision import num_image_tokens
-
         self.require_vision()
         if len(images) != len(prompts):
             raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts (one list per prompt)")
@@ -211,8 +206,6 @@ class Mistral4:
         ids, mask = self._check_inputs(input_ids, attention_mask)
         if images is None or (isinstance(images, (list, tuple)) and not images):
             return self._forward(self.params, ids, mask, last_only=last_only)
-        from .model.vision import check_image_token_count
-
         self.require_vision()
         feats = self.image_features(images)
         check_image_token_count(ids, feats.shape[0], self.vision_config.image_token_index)
@@ -228,16 +221,11 @@ class Mistral4:
     def generator(self):
         """The compiled prefill/decode functions (built on first use, reused by every call)."""
         if getattr(self, "_generator", None) is None:
-            from .generate import Generator
-
             self._generator = Generator(self)
         return self._generator
 
     def _requests(self, prompts: Any, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   min_p: float, seed: int | Sequence[int], images: Any = None) -> list:
-        from .generate import Request
-        from .sampling import SamplingParams
-
         single = isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], (int, np.integer))
         if single:
             prompts = [prompts]
@@ -295,8 +283,6 @@ class Mistral4:
         `ChatResult.error` (finish_reason "error"), never raised. stop_token_ids default to the tokenizer's eos; [] means none. For a
         conversation that goes on turn after turn, `chat_session` keeps its cache between turns.
         """
-        from .chat import parse_answer
-
         tok = self.require_tokenizer()
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
@@ -337,8 +323,6 @@ class Mistral4:
         """(prompt ids, preprocessed images in `[IMG]` order) of one conversation, through the tokenizer's
         `encode_chat_with_images` (mistral-common's ids; pixels from `image.ImageProcessor`). ValueError
         for images with a text-only model, or a tokenizer whose image layout does not fit the vision tower."""
-        from .chat import has_image_parts
-
         tok = self.require_tokenizer()
         if not has_image_parts(messages):
             return tok.encode_chat(messages, reasoning_effort=reasoning_effort, continue_final_message=continue_final_message,
