@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from mistral4_jax.hf import HFReader, dequantize_fp8, fp8_block
-from mistral4_jax.safetensors_io import TensorIndex
+from mistral4_jax.weights.hf import HFReader, dequantize_fp8, fp8_block
+from mistral4_jax.weights.safetensors import TensorIndex
 
 _FP8_NAMES = ("float8_e4m3fn", "float8_e5m2")
 _PIECE_BYTES = 32 * 1024 * 1024

@@ -27,6 +27,7 @@ it is laid out), unlike the text layers.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -41,8 +42,10 @@ import numpy as np
 
 import mistral4_jax
 from mistral4_jax import checkpoint as ckpt
-from mistral4_jax import hf
 from mistral4_jax import model as M
+from mistral4_jax.model.vision_config import VisionConfig
+from mistral4_jax.weights import hf
+from mistral4_jax.weights.vision import read_vision_params
 
 from .cli import OUTPUT_DTYPES
 from .lazy import Lazy, LazyReader, SourceTensor
@@ -338,19 +341,15 @@ def _convert(src: str | os.PathLike, dst: str, dtype: str, text_only: bool, over
 
 
 def vision_config(source: Source) -> Any:
-    """The `vision.VisionConfig` of a source with vision tensors: from the HF `mistral3` config.json
+    """The `VisionConfig` of a source with vision tensors: from the HF `mistral3` config.json
     (`vision_config` + top-level fields) or from Mistral's params.json (`vision_encoder`). ValueError,
     suggesting --text-only, when the config has none or it does not fit."""
-    import json
-
-    from mistral4_jax import vision
-
     if source.format == "hf":
         file = source.files.get("source_config.json", os.path.join(source.path, "config.json"))
-        read = vision.VisionConfig.from_hf_dict
+        read = VisionConfig.from_hf_dict
     else:
         file = os.path.join(source.path, "params.json")
-        read = vision.VisionConfig.from_mistral_params
+        read = VisionConfig.from_mistral_params
     with open(file) as f:
         raw = json.load(f)
     try:
@@ -363,11 +362,9 @@ def vision_config(source: Source) -> Any:
 def read_vision(source: Source, vcfg: Any, target: dict[str, Any]) -> dict[str, Any]:
     """The vision piece as numpy arrays in the target dtypes (bfloat16/float32, never FP8): every vision tensor
     read (FP8 sources dequantised), checked and laid out by `vision.read_vision_params`."""
-    from mistral4_jax import vision
-
     dt = np.dtype(jax.tree_util.tree_leaves(target)[0].dtype)
-    get = vision.tensor_getter(source.index, source.path, source.fp8_block)
-    return vision.read_vision_params(get, source.index.names(), vcfg, dt)
+    get = hf.HFReader(source.index, source.path, source.fp8_block, vision=True).get
+    return read_vision_params(get, source.index.names(), vcfg, dt)
 
 
 def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: dict[str, Any], progress: bool,

@@ -22,8 +22,8 @@ import os
 from typing import Any
 
 from mistral4_jax.config import Mistral4Config
-from mistral4_jax.hf import fp8_block_size, is_vision_name
-from mistral4_jax.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorIndex
+from mistral4_jax.weights.hf import fp8_block_size, is_vision_name
+from mistral4_jax.weights.safetensors import PICKLE_SUFFIXES, SafetensorsFile, TensorIndex
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@
     logits = model.logits(input_ids)          # float32 numpy [B, T, vocab]
 """
 
-from .api import Mistral4, load
+from .api import Mistral4
+from .weights.load import load
 from .config import Mistral4Config
 
 __all__ = ["Mistral4", "Mistral4Config", "load"]

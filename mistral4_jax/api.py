@@ -1,9 +1,9 @@
-"""The public entry points: `load(path)` and the `Mistral4` model object."""
+"""The `Mistral4` model object (the facade over config, parameters and jitted functions); `weights.load`
+builds one from a checkpoint directory."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,10 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import model as M
+from .chat import has_image_parts, parse_answer
 from .chat.session import ChatResult, ChatSession
 from .config import Mistral4Config
 from .distributed import to_host
-from . import model as M
+from .generate import Generator, Request, bucket
+from .model.vision import check_image_token_count, image_features, num_image_tokens
+from .sampling import SamplingParams
+from .serve.image import ImageProcessor, describe
+from .sharding import param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +47,6 @@ def default_compute_dtype(dtype: Any) -> Any:
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position of each token = number of real tokens before it (left or right padding): [B, T] int32."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def vision_dtype(dtype: Any) -> Any:
-    """Storage dtype of the vision tower and projector for text weights in `dtype`: bfloat16 when the text
-    weights are FP8 (the released checkpoint keeps vision in bf16), else the same float dtype."""
-    return jnp.bfloat16 if M.is_fp8(dtype) else resolve_dtype(dtype)
-
-
-def feature_bucket(n: int, minimum: int = 16) -> int:
-    """Image feature rows are padded to a power of two (≥ 16) so that prefill compiles once per bucket."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 class Mistral4:
@@ -88,8 +83,6 @@ class Mistral4:
         self.config = config
         self.dtype = resolve_dtype(dtype)
         if mesh is not None:
-            from .sharding import param_shardings
-
             floats = M.stored_float_weights(params)
             params = jax.device_put(params, param_shardings(config, mesh, self.dtype, float_weights=floats))
         self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
@@ -104,8 +97,6 @@ class Mistral4:
         self.vision_params: Any = None
         self.image_processor: Any = None
         if vision_config is not None:
-            from .image import ImageProcessor
-
             if vision_config.text_hidden_size != config.hidden_size:
                 raise ValueError(f"vision config text_hidden_size ({vision_config.text_hidden_size}) differs from the "
                                  f"text model's hidden_size ({config.hidden_size})")
@@ -133,8 +124,6 @@ class Mistral4:
         arrays [3, H, W] (taken as already preprocessed), or image sources (paths, bytes, data URIs, PIL
         images, uint8 arrays), preprocessed with `self.image_processor` (transformers' resize).
         ValueError naming the image for bad input or a model without a vision tower."""
-        from .image import describe
-
         self.require_vision()
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -152,15 +141,11 @@ class Mistral4:
     def image_features(self, images: Any) -> jax.Array:
         """Image embeddings [M, hidden] (compute dtype) of a list of images (see `pixel_values`), in order:
         row m replaces the m-th `[IMG]` token of the prompt."""
-        from .vision import image_features
-
         return image_features(self.vision_params, self.vision_config, self.pixel_values(images), dtype=self.compute_dtype)
 
     def request_image_features(self, prompts: Sequence[Any], images: Sequence[Any]) -> jax.Array:
-        """Features of every prompt's images, prompts in order (batch rows), padded to `feature_bucket` rows;
+        """Features of every prompt's images, prompts in order (batch rows), padded to `generate.bucket` rows;
         ValueError naming the prompt when its `[IMG]` tokens and its images' features differ in number."""
-        from .vision import num_image_tokens
-
         self.require_vision()
         if len(images) != len(prompts):
             raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts (one list per prompt)")
@@ -176,7 +161,7 @@ class Mistral4:
                                  "the images)")
             pixels.extend(px)
         feats = self.image_features(pixels) if pixels else jnp.zeros((0, self.config.hidden_size), self.compute_dtype)
-        pad = feature_bucket(feats.shape[0]) - feats.shape[0]
+        pad = bucket(feats.shape[0]) - feats.shape[0]
         return jnp.pad(feats, ((0, pad), (0, 0)))
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
@@ -221,12 +206,10 @@ class Mistral4:
         ids, mask = self._check_inputs(input_ids, attention_mask)
         if images is None or (isinstance(images, (list, tuple)) and not images):
             return self._forward(self.params, ids, mask, last_only=last_only)
-        from .vision import check_image_token_count
-
         self.require_vision()
         feats = self.image_features(images)
         check_image_token_count(ids, feats.shape[0], self.vision_config.image_token_index)
-        feats = jnp.pad(feats, ((0, feature_bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
+        feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
         return self._forward(self.params, ids, mask, last_only=last_only, image_features=feats)
 
     def logits(self, input_ids: Any, attention_mask: Any = None, images: Any = None) -> np.ndarray:
@@ -238,16 +221,11 @@ class Mistral4:
     def generator(self):
         """The compiled prefill/decode functions (built on first use, reused by every call)."""
         if getattr(self, "_generator", None) is None:
-            from .generate import Generator
-
             self._generator = Generator(self)
         return self._generator
 
     def _requests(self, prompts: Any, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   min_p: float, seed: int | Sequence[int], images: Any = None) -> list:
-        from .generate import Request
-        from .sampling import SamplingParams
-
         single = isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], (int, np.integer))
         if single:
             prompts = [prompts]
@@ -305,8 +283,6 @@ class Mistral4:
         `ChatResult.error` (finish_reason "error"), never raised. stop_token_ids default to the tokenizer's eos; [] means none. For a
         conversation that goes on turn after turn, `chat_session` keeps its cache between turns.
         """
-        from .chat import parse_answer
-
         tok = self.require_tokenizer()
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
@@ -347,8 +323,6 @@ class Mistral4:
         """(prompt ids, preprocessed images in `[IMG]` order) of one conversation, through the tokenizer's
         `encode_chat_with_images` (mistral-common's ids; pixels from `image.ImageProcessor`). ValueError
         for images with a text-only model, or a tokenizer whose image layout does not fit the vision tower."""
-        from .chat import has_image_parts
-
         tok = self.require_tokenizer()
         if not has_image_parts(messages):
             return tok.encode_chat(messages, reasoning_effort=reasoning_effort, continue_final_message=continue_final_message,
@@ -376,103 +350,3 @@ class Mistral4:
         """Parameters of the text model and, if loaded, the vision tower and projector."""
         trees = [self.params] + ([self.vision_params] if self.vision_params is not None else [])
         return sum(int(np.prod(x.shape)) for t in trees for x in jax.tree_util.tree_leaves(t))
-
-
-def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
-         shardings: Any = None, layer_loop: str = "auto", text_only: bool = False, moe_backend: str = "auto") -> Mistral4:
-    """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
-    checkpoint directory (config.json + safetensors).
-
-    dtype: storage dtype of the parameters ("float32", "bfloat16", "float16", or "float8_e4m3fn" for the
-    FP8 weights of a checkpoint converted with `--dtype float8_e4m3fn`); a converted checkpoint is cast
-    (FP8 dequantised) while it is read. compute_dtype defaults to float32 on CPU and to `dtype` elsewhere
-    (bfloat16 for FP8 weights).
-    mesh: the device mesh the model runs on (`sharding.make_mesh`). shardings: where each parameter is
-    placed while loading, as `checkpoint.restore_params` accepts (one `Sharding`, a tree of them, or a
-    callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `sharding.RULES` on
-    `mesh` if given, else the default device. A converted checkpoint is restored straight into them.
-    layer_loop, moe_backend: see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
-    as `model.tokenizer` when present.
-    Vision: an HF `mistral3` checkpoint's vision tower and projector (`vision_config` in config.json, tensors
-    `vision_tower.*` / `multi_modal_projector.*`), or those a converted checkpoint holds, are loaded as
-    `model.vision_config` / `model.vision_params`, stored in `dtype` (bfloat16 when `dtype` is FP8) and
-    replicated over the mesh; `text_only=True` skips them (`model.vision_config` is then None).
-    """
-    from . import checkpoint, hf
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: {path}")
-    jdtype = resolve_dtype(dtype)
-    converted = checkpoint.is_checkpoint(path)
-    if not converted and M.is_fp8(jdtype):
-        raise ValueError(f"{path}: FP8 weights load from a converted checkpoint: "
-                         f"run `mistral4-jax convert {path} DST --dtype float8_e4m3fn` first")
-    config = checkpoint.read_config(path) if converted else Mistral4Config.from_json(os.path.join(path, "config.json"))
-    if shardings is None and mesh is not None:
-        from .sharding import param_shardings
-
-        floats = checkpoint.read_manifest(path).get("float_weights", []) if converted else []
-        shardings = param_shardings(config, mesh, jdtype, float_weights=floats)
-    if converted:
-        config, params = checkpoint.restore_params(path, jdtype, shardings)
-    else:
-        params = hf.read_params(path, config, np.dtype(jdtype))
-        if shardings is None:
-            params = jax.device_put(params)
-        else:
-            abstract = M.abstract_params(config, jdtype)
-            params = jax.device_put(params, checkpoint.resolve_shardings(shardings, config, jdtype, abstract))
-    log.info("loaded %s (%d layers) from %s", type(config).__name__, config.num_hidden_layers, path)
-    vcfg, vparams = (None, None) if text_only else _load_vision(path, converted, vision_dtype(jdtype))
-    if compute_dtype is None and M.is_fp8(jdtype):
-        compute_dtype = default_compute_dtype(jnp.bfloat16)
-    model = Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh, layer_loop=layer_loop,
-                     vision_config=vcfg, vision_params=vparams, moe_backend=moe_backend)
-    model.tokenizer = _find_tokenizer(path)
-    return model
-
-
-def _load_vision(path: str, converted: bool, dtype: Any) -> tuple[Any, Any]:
-    """(VisionConfig, numpy/jax vision params in `dtype`) of a checkpoint directory, or (None, None) if it has
-    no vision tower. ValueError for a vision config or vision tensors that do not fit."""
-    import json
-
-    from . import checkpoint, vision
-    from .hf import fp8_block_size
-    from .safetensors_io import TensorIndex
-
-    if converted:
-        vcfg = checkpoint.read_vision_config(path)
-        if vcfg is None:
-            return None, None
-        return vcfg, checkpoint.restore_vision(path, dtype)
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    if raw.get("model_type") != "mistral3" or not isinstance(raw.get("vision_config"), dict):
-        return None, None
-    try:
-        vcfg = vision.VisionConfig.from_hf_dict(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}/config.json: {e} (load with text_only=True to skip the vision tower)") from None
-    index = TensorIndex.open(path)
-    if not any(vision.is_vision_name(n) for n in index.names()):
-        log.warning("%s: the config has a vision_config but the checkpoint has no vision tensors: loading text only", path)
-        return None, None
-    vparams = vision.read_vision_params(vision.tensor_getter(index, path, fp8_block_size(raw)), index.names(), vcfg,
-                                        np.dtype(dtype))
-    log.info("loaded the vision tower (%d layers) and projector from %s", vcfg.num_hidden_layers, path)
-    return vcfg, vparams
-
-
-def _find_tokenizer(path: str) -> Any:
-    """The tokenizer stored in `path`, or None (with a warning if one is there but cannot be read)."""
-    from .chat import Tokenizer
-
-    if not any(os.path.exists(os.path.join(path, n)) for n in ("tekken.json", "tokenizer.json")):
-        return None
-    try:
-        return Tokenizer.from_dir(path)
-    except (ImportError, ValueError, FileNotFoundError) as e:
-        log.warning("%s: tokenizer not loaded (%s)", path, e)
-        return None

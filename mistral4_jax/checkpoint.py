@@ -82,7 +82,7 @@ def vision_dtype(dtype: Any) -> Any:
 
 def vision_abstract(vcfg: Any, dtype: Any) -> dict[str, Any]:
     """The vision piece (tower + projector, layers stacked) as `jax.ShapeDtypeStruct`s for a checkpoint of `dtype`."""
-    from . import vision
+    from .model import vision
 
     return vision.abstract_params(vcfg, vision_dtype(dtype))
 
@@ -339,7 +339,7 @@ def read_config(path: str | os.PathLike) -> Mistral4Config:
 
 def read_vision_config(path: str | os.PathLike) -> Any:
     """The `vision.VisionConfig` of a converted checkpoint, or None if it stores no vision tower."""
-    from . import vision
+    from .model import vision
 
     file = os.path.join(os.fspath(path), VISION_CONFIG)
     if not os.path.isfile(file):

@@ -239,8 +239,7 @@ class Mistral4Config:
                 f"({d['qk_nope_head_dim'] + d['qk_rope_head_dim']})"
             )
 
-        kwargs: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-        kwargs.pop("softmax_scale", None)
+        kwargs: dict[str, Any] = {name: d[name] for name in HF_FIELDS if name in d}
         kwargs.update(_rope_fields(d))
         if kwargs.get("n_group") is None:
             kwargs["n_group"] = 1
@@ -281,8 +280,7 @@ class Mistral4Config:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF `mistral4` config dict for this architecture (for building reference models in tests/demos)."""
-        names = {f.name for f in dataclasses.fields(HFFields)}
-        d = {k: v for k, v in self.to_dict().items() if k in names}
+        d = {k: v for k, v in self.to_dict().items() if k in HF_FIELDS}
         d.update(
             model_type="mistral4",
             num_key_value_heads=self.num_attention_heads,
@@ -365,34 +363,7 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-@dataclasses.dataclass
-class HFFields:
-    """The fields that HF's `Mistral4Config` shares with ours under the same name."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    n_shared_experts: int
-    n_routed_experts: int
-    num_experts_per_tok: int
-    n_group: int
-    topk_group: int
-    norm_topk_prob: bool
-    routed_scaling_factor: float
-    first_k_dense_replace: int
-    q_lora_rank: int | None
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    rms_norm_eps: float
-    hidden_act: str
-    rope_interleave: bool
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    bos_token_id: int
-    eos_token_id: Any
-    pad_token_id: int
+_ROPE_FIELDS = frozenset(_rope_fields({"qk_nope_head_dim": 1, "qk_rope_head_dim": 1}))
+HF_FIELDS = tuple(f.name for f in dataclasses.fields(Mistral4Config) if f.name not in _ROPE_FIELDS | {"softmax_scale"})
+"""The fields that HF's `Mistral4Config` shares with ours under the same name: all but the rope fields (read from
+`rope_parameters` by `_rope_fields`) and the derived `softmax_scale`."""

@@ -737,7 +737,7 @@ def forward(
     embed = params["embed"]
     h = jnp.take(embed, input_ids, axis=0).astype(dtype)
     if image_features is not None:
-        from .vision import scatter_image_features
+        from .model.vision import scatter_image_features
 
         h = scatter_image_features(h, input_ids, image_features, image_token_index)
     if mesh is not None:

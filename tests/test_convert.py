@@ -22,7 +22,8 @@ import torch
 import transformers
 
 import mistral4_jax
-from mistral4_jax import checkpoint, hf, sharding
+from mistral4_jax import checkpoint, sharding
+from mistral4_jax.weights import hf
 from mistral4_jax.cli import main as cli_main
 from mistral4_jax.convert import convert
 from helpers import REPO, TINY, assert_logits_close, hf_config, make_hf_model
@@ -390,7 +391,8 @@ def test_vision_from_hf_and_native_names_fp8_kept_bf16(tmp_path, weights, f32_ou
     """The vision tower + projector are converted (HF and native names give the same arrays, equal to
     `vision.read_vision_params` of the source), bf16 beside FP8 text weights; `--text-only` skips them; a
     multimodal source without a usable vision config asks for `--text-only`."""
-    from mistral4_jax import vision
+    from mistral4_jax.model.vision_config import VisionConfig
+    from mistral4_jax.weights.vision import read_vision_params
 
     hf_v, native_v, encoder = vision_tensors()
     hf_cfg = {"model_type": "mistral3", "text_config": hf_dict(CFG), "tie_word_embeddings": False,
@@ -400,8 +402,8 @@ def test_vision_from_hf_and_native_names_fp8_kept_bf16(tmp_path, weights, f32_ou
     mm = {("language_model." + n): a for n, a in weights.items()}
     src = write_hf(str(tmp_path / "hf"), {**mm, **hf_v}, hf_cfg, shards=2)
     nat = write_native(str(tmp_path / "nat"), {**native(weights, CFG), **native_v}, params_json(CFG, vision_encoder=encoder))
-    vcfg = vision.VisionConfig.from_hf_dict(hf_cfg)
-    expected = vision.read_vision_params(lambda n, shape: hf_v[n], list(hf_v), vcfg)
+    vcfg = VisionConfig.from_hf_dict(hf_cfg)
+    expected = read_vision_params(lambda n, shape: hf_v[n], list(hf_v), vcfg)
     for source, name in ((src, "hf"), (nat, "nat")):
         dst = convert(source, str(tmp_path / f"{name}-f32"), dtype="float32", progress=False)
         assert checkpoint.read_vision_config(dst).hidden_size == 16

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import mistral4_jax
-from mistral4_jax import Mistral4, checkpoint, hf, sharding
+from mistral4_jax import Mistral4, checkpoint, sharding
+from mistral4_jax.weights import hf
 from mistral4_jax.convert import convert
 from mistral4_jax.model import resolve_moe_backend, routed_experts
 from mistral4_jax.sharding import make_mesh

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import mistral4_jax
-from mistral4_jax import Mistral4, hf
+from mistral4_jax import Mistral4
+from mistral4_jax.weights import hf
 from mistral4_jax.sharding import make_mesh, parse_mesh
 from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
 

@@ -25,9 +25,11 @@ import transformers
 from PIL import Image
 from transformers.models.pixtral import image_processing_pil_pixtral
 
-from mistral4_jax import image as I
-from mistral4_jax import vision as V
-from mistral4_jax.safetensors_io import TensorIndex
+from mistral4_jax.model import vision as V
+from mistral4_jax.serve import image as I
+from mistral4_jax.weights import vision as WV
+from mistral4_jax.weights.hf import HFReader, is_vision_name
+from mistral4_jax.weights.safetensors import TensorIndex
 from helpers import TINY
 
 ATOL = 1e-4
@@ -73,7 +75,7 @@ def vcfg(hf):
 @pytest.fixture(scope="module")
 def params(hf, vcfg):
     index = TensorIndex.open(hf[1])
-    return V.read_vision_params(V.tensor_getter(index, hf[1]), index.names(), vcfg)
+    return WV.read_vision_params(HFReader(index, hf[1], vision=True).get, index.names(), vcfg)
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +207,9 @@ def _dict_getter(state: dict[str, np.ndarray]):
 def test_native_and_in_memory_names_read_the_same_params(hf, vcfg, params):
     native = _native_state(hf[0], vcfg)
     assert "vision_language_adapter.w_in.weight" in native and "vision_encoder.ln_pre.weight" in native
-    ours = V.read_vision_params(_dict_getter(native), native, vcfg)
+    ours = WV.read_vision_params(_dict_getter(native), native, vcfg)
     memory = {k: v.numpy() for k, v in hf[0].state_dict().items()}
-    ours_mem = V.read_vision_params(_dict_getter(memory), memory, vcfg)
+    ours_mem = WV.read_vision_params(_dict_getter(memory), memory, vcfg)
     for tree in (ours, ours_mem):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), tree, params)
 
@@ -220,7 +222,7 @@ def test_native_and_in_memory_names_read_the_same_params(hf, vcfg, params):
 ])
 def test_read_errors_name_the_tensor(hf, vcfg, case, message):
     index = TensorIndex.open(hf[1])
-    state = {n: np.asarray(index.get(n), np.float32) for n in index.names() if V.is_vision_name(n)}
+    state = {n: np.asarray(index.get(n), np.float32) for n in index.names() if is_vision_name(n)}
     if case == "missing":
         del state["vision_tower.transformer.layers.1.ffn_norm.weight"]
     elif case == "shape":
@@ -230,7 +232,7 @@ def test_read_errors_name_the_tensor(hf, vcfg, case, message):
     else:
         state = {"model.embed_tokens.weight": np.zeros((2, 2))}
     with pytest.raises(ValueError, match=message):
-        V.read_vision_params(_dict_getter(state), state, vcfg)
+        WV.read_vision_params(_dict_getter(state), state, vcfg)
 
 
 # --------------------------------------------------------------------------------- tower/projector

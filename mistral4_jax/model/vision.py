@@ -22,7 +22,7 @@ Einsum letters: S patches (all images), M merged tokens, D vision hidden, N head
 F vision MLP hidden, K = C*p*p patch pixels, W = s*s window positions, T text hidden,
 Q / J query / key positions inside an attention block, B blocks.
 
-Parameter tree (`init_params`, `read_vision_params`), layers stacked [L, ...] and run under `lax.scan`:
+Parameter tree (`init_params`, `weights.vision.read_vision_params`), layers stacked [L, ...] and run under `lax.scan`:
 
     patch_embed: {patch_conv [K, D], ln_pre: {scale [D]}}
     layers:      {attention_norm: {scale}, attention: {q_proj, k_proj, v_proj [D, N, H], o_proj [N, H, D]},
@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -46,10 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .activations import ACTIVATIONS, check_activation
-from .model import apply_rope
+from mistral4_jax.model import RMSNorm, apply_rope, is_fp8
 
-log = logging.getLogger(__name__)
+from ..activations import ACTIVATIONS
+from .vision_config import VisionConfig
 
 Array = jax.Array
 _NEG_INF = -1e30
@@ -72,217 +70,6 @@ VISION_RULES: dict[str, str | None] = {
 """Suggested logical axis -> mesh axis entries for the vision parameters (merge into `sharding.RULES`).
 The tower is small (~0.4 B parameters for the real config): replicating everything also works."""
 
-
-# ------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    """Architecture of the Pixtral tower + Mistral 3 projector (hashable: usable as a jit static argument).
-
-    Read from an HF `mistral3` config (`from_hf_dict`: the `vision_config` block plus the top-level
-    `spatial_merge_size`, `projector_hidden_act`, `multimodal_projector_bias`, `vision_feature_layer`,
-    `image_token_index` and `text_config.hidden_size` / `rms_norm_eps`) or from Mistral's native
-    `params.json` (`from_mistral_params`). `image_break_token_index` / `image_end_token_index` are not
-    in HF configs (they live in the tokenizer); the defaults are tekken's `[IMG_BREAK]`=12, `[IMG_END]`=13.
-    """
-
-    hidden_size: int = 1024
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    intermediate_size: int = 4096
-    patch_size: int = 14
-    image_size: int = 1540
-    num_channels: int = 3
-    rope_theta: float = 10000.0
-    hidden_act: str = "silu"
-    spatial_merge_size: int = 2
-    projector_hidden_act: str = "gelu"
-    multimodal_projector_bias: bool = False
-    vision_feature_layer: int = -1
-    image_token_index: int = 10
-    image_break_token_index: int = 12
-    image_end_token_index: int = 13
-    text_hidden_size: int = 4096
-    projector_norm_eps: float = 1e-6
-    norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    # ----------------------------------------------------------------------------------------- derived
-    @property
-    def head_dim(self) -> int:
-        """Pixtral's attention always uses hidden_size // num_attention_heads."""
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def merged_patch_size(self) -> int:
-        """Pixels per side of one image token: patch_size * spatial_merge_size (28 for the real model)."""
-        return self.patch_size * self.spatial_merge_size
-
-    @property
-    def patch_dim(self) -> int:
-        """K = C * p * p: pixels per patch (the patch_conv input)."""
-        return self.num_channels * self.patch_size * self.patch_size
-
-    @property
-    def feature_layers(self) -> int:
-        """How many tower layers run: hidden state index `vision_feature_layer` of [embeddings, layer 1..L]."""
-        f = self.vision_feature_layer
-        return self.num_hidden_layers + 1 + f if f < 0 else f
-
-    def validate(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-                     "image_size", "num_channels", "spatial_merge_size", "text_hidden_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"config field {name!r} must be a positive integer, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"config field 'hidden_size' ({self.hidden_size}) must be divisible by "
-                             f"'num_attention_heads' ({self.num_attention_heads})")
-        if self.head_dim % 4:
-            raise ValueError(f"vision head dim hidden_size / num_attention_heads = {self.head_dim} must be a multiple "
-                             "of 4 (2-D rope splits it into row and column halves of rotation pairs)")
-        for name in ("hidden_act", "projector_hidden_act"):
-            check_activation(name, getattr(self, name))
-        if not isinstance(self.vision_feature_layer, int) or isinstance(self.vision_feature_layer, bool):
-            raise ValueError(f"config field 'vision_feature_layer' must be an integer, got {self.vision_feature_layer!r}")
-        if not 0 <= self.feature_layers <= self.num_hidden_layers:
-            raise ValueError(f"config field 'vision_feature_layer' ({self.vision_feature_layer}) is out of range for "
-                             f"{self.num_hidden_layers} layers (-{self.num_hidden_layers + 1}..{self.num_hidden_layers})")
-        for name in ("rope_theta", "projector_norm_eps", "norm_eps"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"config field {name!r} must be positive, got {getattr(self, name)!r}")
-
-    # ----------------------------------------------------------------------------------------- readers
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        """From an HF `mistral3` config dict (`config.json` of `Mistral3ForConditionalGeneration`).
-
-        ValueError naming the field for missing or inconsistent fields; a config without `vision_config`
-        (a text-only checkpoint) raises too.
-        """
-        if d.get("model_type", "mistral3") != "mistral3":
-            raise ValueError(f"config field 'model_type' must be 'mistral3' for a vision model, got {d.get('model_type')!r}")
-        v = d.get("vision_config")
-        if not isinstance(v, dict):
-            raise ValueError("config field 'vision_config' is missing (a text-only checkpoint has no vision tower)")
-        t = d.get("text_config")
-        if not isinstance(t, dict):
-            raise ValueError("config field 'text_config' is missing")
-        if v.get("model_type", "pixtral") != "pixtral":
-            raise ValueError(f"config field 'vision_config.model_type' must be 'pixtral', got {v.get('model_type')!r}")
-
-        def need(block: dict[str, Any], prefix: str, name: str) -> Any:
-            if block.get(name) is None:
-                raise ValueError(f"config field '{prefix}{name}' is missing")
-            return block[name]
-
-        kwargs: dict[str, Any] = {n: need(v, "vision_config.", n) for n in
-                                  ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
-        for name in ("patch_size", "image_size"):
-            kwargs[name] = _square(need(v, "vision_config.", name), f"vision_config.{name}")
-        kwargs["num_channels"] = v.get("num_channels", 3)
-        kwargs["hidden_act"] = v.get("hidden_act", "gelu")
-        heads, hidden = kwargs["num_attention_heads"], kwargs["hidden_size"]
-        if v.get("head_dim") is not None and isinstance(heads, int) and heads > 0 and v["head_dim"] != hidden // heads:
-            raise ValueError(f"config field 'vision_config.head_dim' ({v['head_dim']}) must equal hidden_size // "
-                             f"num_attention_heads ({hidden // heads}): Pixtral's attention uses the latter")
-        rope = dict(v.get("rope_parameters") or v.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "axial"))
-        if rope_type not in ("axial", "default"):
-            raise ValueError(f"config field 'vision_config.rope_parameters.rope_type' must be 'axial', got {rope_type!r}")
-        kwargs["rope_theta"] = float(rope.get("rope_theta", v.get("rope_theta", 10000.0)))
-
-        layer = d.get("vision_feature_layer", -1)
-        if isinstance(layer, (list, tuple)):
-            if len(layer) != 1:
-                raise ValueError(f"config field 'vision_feature_layer' ({layer!r}): several feature layers are not "
-                                 "supported (Mistral 3's projector norm and patch merger take one layer's features)")
-            layer = layer[0]
-        kwargs.update(
-            spatial_merge_size=d.get("spatial_merge_size", 2),
-            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-            multimodal_projector_bias=bool(d.get("multimodal_projector_bias", False)),
-            vision_feature_layer=layer,
-            image_token_index=d.get("image_token_index", d.get("image_token_id", 10)),
-            text_hidden_size=need(t, "text_config.", "hidden_size"),
-            projector_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-        )
-        return cls(**kwargs)
-
-    @classmethod
-    def from_mistral_params(cls, params: dict[str, Any]) -> VisionConfig:
-        """From Mistral's native `params.json`: the `vision_encoder` block (or `multimodal.vision_encoder_args`)
-        plus the text `dim` / `norm_eps`.
-
-        Guessed from vLLM's / mistral-inference's `VisionEncoderArgs` and transformers' mistral3 converter:
-        the tower MLP is SiLU-gated and the adapter GELU (exact); `adapter_bias` defaults to False as in
-        transformers' converter; `mm_projector_id` must be "patch_merge" and `add_pre_mm_projector_layer_norm`
-        true (the Mistral 3 projector); `image_size` is the largest image side (`max_image_size` if given).
-        """
-        v = params.get("vision_encoder")
-        if v is None:
-            mm = params.get("multimodal") or {}
-            v = mm.get("vision_encoder_args")
-            if v is not None:
-                v = {**{k: x for k, x in mm.items() if k != "vision_encoder_args"}, **v}
-        if not isinstance(v, dict):
-            raise ValueError("params field 'vision_encoder' is missing (a text-only checkpoint has no vision tower)")
-
-        def need(block: dict[str, Any], prefix: str, name: str) -> Any:
-            if block.get(name) is None:
-                raise ValueError(f"params field '{prefix}{name}' is missing")
-            return block[name]
-
-        merge = v.get("spatial_merge_size", 1)
-        projector = v.get("mm_projector_id", "patch_merge" if merge > 1 else "")
-        if projector != "patch_merge":
-            raise ValueError(f"params field 'vision_encoder.mm_projector_id' must be 'patch_merge' (Mistral 3), got {projector!r}")
-        if not v.get("add_pre_mm_projector_layer_norm", True):
-            raise ValueError("params field 'vision_encoder.add_pre_mm_projector_layer_norm' must be true (Mistral 3)")
-        return cls(
-            hidden_size=need(v, "vision_encoder.", "hidden_size"),
-            num_hidden_layers=need(v, "vision_encoder.", "num_hidden_layers"),
-            num_attention_heads=need(v, "vision_encoder.", "num_attention_heads"),
-            intermediate_size=need(v, "vision_encoder.", "intermediate_size"),
-            patch_size=_square(need(v, "vision_encoder.", "patch_size"), "vision_encoder.patch_size"),
-            image_size=_square(v.get("max_image_size") or need(v, "vision_encoder.", "image_size"), "vision_encoder.image_size"),
-            num_channels=v.get("num_channels", 3),
-            rope_theta=float(v.get("rope_theta", 10000.0)),
-            hidden_act="silu",
-            spatial_merge_size=merge,
-            projector_hidden_act="gelu",
-            multimodal_projector_bias=bool(v.get("adapter_bias", False)),
-            vision_feature_layer=-1,
-            image_token_index=v.get("image_token_id", 10),
-            image_break_token_index=v.get("image_break_token_id", 12),
-            image_end_token_index=v.get("image_end_token_id", 13),
-            text_hidden_size=need(params, "", "dim"),
-            projector_norm_eps=float(params.get("norm_eps", 1e-5)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        """Our own layout (`to_dict`); an HF mistral3 dict (with `vision_config`) is also accepted."""
-        if "vision_config" in d:
-            return cls.from_hf_dict(d)
-        from .config import from_fields
-
-        return from_fields(cls, d)
-
-
-def _square(x: Any, field: str) -> int:
-    """An int, or a [n, n] pair (HF allows per-axis sizes; Pixtral uses square ones)."""
-    if isinstance(x, (list, tuple)):
-        if len(x) != 2 or x[0] != x[1]:
-            raise ValueError(f"config field {field!r} must be one integer or a square pair, got {x!r}")
-        x = x[0]
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise ValueError(f"config field {field!r} must be an integer, got {x!r}")
-    return x
 
 
 # -------------------------------------------------------------------------------------------- rope
@@ -359,6 +146,12 @@ def block_attention(q: Array, k: Array, v: Array, segments: Array, scale: float,
 
 
 # ------------------------------------------------------------------------------------------ modules
+def vision_dtype(dtype: Any) -> np.dtype:
+    """Storage dtype of the vision tower and projector for text weights in `dtype`: bfloat16 when the text
+    weights are FP8 (the released checkpoint keeps vision in bf16; vision weights are never FP8), else `dtype`."""
+    return jnp.dtype(jnp.bfloat16) if is_fp8(dtype) else jnp.dtype(dtype)
+
+
 def _normal(std: float = 0.02):
     return nn.initializers.normal(stddev=std)
 
@@ -377,17 +170,9 @@ class _VBase(nn.Module):
         return jnp.asarray(w).astype(self.dtype)
 
 
-class VisionRMSNorm(_VBase):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast to the compute dtype, times `scale` [D]."""
-
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.weight("scale", ("vision_norm",), (x.shape[-1],), nn.initializers.ones)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return scale * y.astype(self.dtype)
+def _norm(parent: _VBase, eps: float, name: str) -> RMSNorm:
+    """The text model's RMSNorm (float32 statistics, `scale` [D] on the "vision_norm" axis) as a child of `parent`."""
+    return RMSNorm(parent.cfg, parent.dtype, parent.param_dtype, eps=eps, axis="vision_norm", name=name)
 
 
 class PatchEmbed(_VBase):
@@ -398,7 +183,7 @@ class PatchEmbed(_VBase):
         c = self.cfg
         w = self.weight("patch_conv", ("vision_patch", "vision_embed"), (c.patch_dim, c.hidden_size))
         h = patches.astype(self.dtype) @ w
-        return VisionRMSNorm(c, self.dtype, self.param_dtype, c.norm_eps, name="ln_pre")(h)
+        return _norm(self, c.norm_eps, "ln_pre")(h)
 
 
 class VisionAttention(_VBase):
@@ -442,10 +227,9 @@ class VisionLayer(_VBase):
     def __call__(self, h: Array, cos: Array, sin: Array, segments: Array) -> Array:
         c = self.cfg
         sub = (c, self.dtype, self.param_dtype)
-        a = VisionAttention(*sub, block=self.block, name="attention")(
-            VisionRMSNorm(*sub, c.norm_eps, name="attention_norm")(h), cos, sin, segments)
-        h = h + a
-        return h + VisionMLP(*sub, name="feed_forward")(VisionRMSNorm(*sub, c.norm_eps, name="ffn_norm")(h))
+        attention = VisionAttention(*sub, block=self.block, name="attention")
+        h = h + attention(_norm(self, c.norm_eps, "attention_norm")(h), cos, sin, segments)
+        return h + VisionMLP(*sub, name="feed_forward")(_norm(self, c.norm_eps, "ffn_norm")(h))
 
 
 class Projector(_VBase):
@@ -461,7 +245,7 @@ class Projector(_VBase):
     def __call__(self, feats: Array, merge_index: Array) -> Array:
         c = self.cfg
         d, t, w = c.hidden_size, c.text_hidden_size, c.spatial_merge_size ** 2
-        x = VisionRMSNorm(c, self.dtype, self.param_dtype, c.projector_norm_eps, name="norm")(feats)
+        x = _norm(self, c.projector_norm_eps, "norm")(feats)
         windows = x[merge_index]  # [M, W, D]
         merging = self.weight("merging_layer", ("vision_window", "vision_embed", "vision_merged"), (w, d, d))
         h = jnp.einsum("mwd,wde->me", windows, merging)
@@ -694,167 +478,6 @@ def check_image_token_count(input_ids: Any, num_features: int, image_token_index
         raise ValueError(f"the prompt has {n} [IMG] tokens but the images give {num_features} image features "
                          "(more images than [IMG] slots, or a token layout that does not match the images)")
 
-
-# --------------------------------------------------------------------------------- weight reading
-_SCALE_SUFFIXES = ("_scale_inv", ".weight_scale", ".activation_scale", ".input_scale", ".qscale_weight", ".qscale_act")
-_VISION_PREFIXES = (
-    "vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
-    "vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.",
-)
-_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
-
-
-def is_vision_name(name: str) -> bool:
-    """Whether a checkpoint tensor belongs to the vision tower or the projector (HF or native names)."""
-    return name.startswith(_VISION_PREFIXES)
-
-
-def vision_names(names: Iterable[str]) -> tuple[str, str]:
-    """(tower prefix, projector prefix) of the naming scheme used by a checkpoint's tensor names:
-    ("vision_tower.", "multi_modal_projector.") on disk, ("model.vision_tower.", "model.multi_modal_projector.")
-    in memory, or ("vision_encoder.", "") for Mistral's native names. ValueError if none or several."""
-    names = [n for n in names if is_vision_name(n)]
-    schemes = {("model.vision_tower.", "model.multi_modal_projector."): False,
-               ("vision_tower.", "multi_modal_projector."): False, ("vision_encoder.", ""): False}
-    for n in names:
-        if n.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
-            schemes[("model.vision_tower.", "model.multi_modal_projector.")] = True
-        elif n.startswith(("vision_tower.", "multi_modal_projector.")):
-            schemes[("vision_tower.", "multi_modal_projector.")] = True
-        else:
-            schemes[("vision_encoder.", "")] = True
-    found = [k for k, v in schemes.items() if v]
-    if not found:
-        raise ValueError("the checkpoint has no vision tensors (vision_tower.* / vision_encoder.*): it is text-only")
-    if len(found) > 1:
-        raise ValueError(f"the checkpoint mixes vision naming schemes: {[k[0] for k in found]}")
-    return found[0]
-
-
-def _permute_native_rope(w: np.ndarray, heads: int) -> np.ndarray:
-    """Native wq/wk rows [N*H, D] (rope on interleaved pairs) -> HF's rotate-half row order
-    (transformers' `permute_for_rope`): within each head, row 2i+a moves to a*H/2 + i."""
-    out, inp = w.shape
-    return w.reshape(heads, out // heads // 2, 2, inp).transpose(0, 2, 1, 3).reshape(out, inp)
-
-
-def read_vision_params(get: Callable[[str, tuple[int, ...]], np.ndarray], names: Iterable[str], vcfg: VisionConfig,
-                       dtype: Any = np.float32) -> dict[str, Any]:
-    """The vision parameter tree (numpy, `dtype`, our layout, layers stacked) from a checkpoint.
-
-    get(name, shape) -> float32 numpy array, checking the shape (and dequantising FP8), e.g. `tensor_getter`;
-    names: every tensor name of the checkpoint (to pick the naming scheme and to reject unexpected vision tensors).
-
-    HF names (prefix `vision_tower.` / `model.vision_tower.`, projector `multi_modal_projector.` /
-    `model.multi_modal_projector.`), HF layouts [out, in]:
-      patch_conv.weight [D, C, p, p] -> patch_embed.patch_conv [K, D];  ln_pre.weight -> patch_embed.ln_pre.scale
-      transformer.layers.N.attention.{q,k,v}_proj.weight [N*H, D] -> layers.attention.{q,k,v}_proj [D, N, H]
-      transformer.layers.N.attention.o_proj.weight [D, N*H] -> layers.attention.o_proj [N, H, D]
-      transformer.layers.N.feed_forward.{gate,up}_proj.weight [F, D] -> [D, F]; down_proj [D, F] -> [F, D]
-      transformer.layers.N.{attention_norm, ffn_norm}.weight -> layers.{attention_norm, ffn_norm}.scale
-      norm.weight -> projector.norm.scale;  patch_merger.merging_layer.weight [D, D*W] -> merging_layer [W, D, D]
-      linear_{1,2}.weight [T, .] -> linear_{1,2} [., T];  linear_{1,2}.bias -> linear_{1,2}_bias
-    Native names (transformers' mistral3 converter's table): vision_encoder.{patch_conv, ln_pre},
-    vision_encoder.transformer.layers.N.{attention.w{q,k,v,o}, feed_forward.w{1,3,2} (gate, up, down),
-    attention_norm, ffn_norm}, pre_mm_projector_norm, patch_merger.merging_layer, vision_language_adapter.w_in
-    / w_out (= linear_1 / linear_2); native wq / wk rows are permuted from interleaved to rotate-half rope.
-    ValueError names a missing, mis-shaped or unexpected vision tensor.
-    """
-    names = list(names)
-    tower, proj = vision_names(names)
-    native = tower == "vision_encoder."
-    c = vcfg
-    d, n, h, f, t, k = c.hidden_size, c.num_attention_heads, c.head_dim, c.intermediate_size, c.text_hidden_size, c.patch_dim
-    w = c.spatial_merge_size ** 2
-    used: set[str] = set()
-
-    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        used.add(name)
-        return np.asarray(get(name, shape), dtype=np.float32)
-
-    def lin(name: str, out: int, inp: int) -> np.ndarray:
-        return read(name + ".weight", (out, inp)).T
-
-    pre = f"{tower}transformer.layers."
-    layers: list[dict[str, Any]] = []
-    for i in range(c.num_hidden_layers):
-        p = f"{pre}{i}."
-        if native:
-            a = {x: read(f"{p}attention.w{x[0]}.weight", (n * h, d)) for x in ("q_proj", "k_proj", "v_proj")}
-            a["q_proj"], a["k_proj"] = _permute_native_rope(a["q_proj"], n), _permute_native_rope(a["k_proj"], n)
-            o = read(f"{p}attention.wo.weight", (d, n * h))
-            mlp = {"gate_proj": lin(p + "feed_forward.w1", f, d), "up_proj": lin(p + "feed_forward.w3", f, d),
-                   "down_proj": lin(p + "feed_forward.w2", d, f)}
-        else:
-            a = {x: read(f"{p}attention.{x}.weight", (n * h, d)) for x in ("q_proj", "k_proj", "v_proj")}
-            o = read(f"{p}attention.o_proj.weight", (d, n * h))
-            mlp = {x: lin(p + "feed_forward." + x, f, d) for x in ("gate_proj", "up_proj")}
-            mlp["down_proj"] = lin(p + "feed_forward.down_proj", d, f)
-        attn = {x: a[x].T.reshape(d, n, h) for x in ("q_proj", "k_proj", "v_proj")}
-        attn["o_proj"] = o.T.reshape(n, h, d)
-        layers.append({
-            "attention_norm": {"scale": read(p + "attention_norm.weight", (d,))},
-            "attention": attn,
-            "ffn_norm": {"scale": read(p + "ffn_norm.weight", (d,))},
-            "feed_forward": mlp,
-        })
-    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)
-
-    patch = read(tower + "patch_conv.weight", (d, c.num_channels, c.patch_size, c.patch_size)).reshape(d, k).T
-    names_p = ({"norm": "pre_mm_projector_norm", "merge": "patch_merger.merging_layer", "l1": "vision_language_adapter.w_in",
-                "l2": "vision_language_adapter.w_out"} if native else
-               {"norm": proj + "norm", "merge": proj + "patch_merger.merging_layer", "l1": proj + "linear_1",
-                "l2": proj + "linear_2"})
-    merging = read(names_p["merge"] + ".weight", (d, d * w)).reshape(d, d, w).transpose(2, 1, 0)
-    projector: dict[str, Any] = {
-        "norm": {"scale": read(names_p["norm"] + ".weight", (d,))},
-        "merging_layer": merging,
-        "linear_1": lin(names_p["l1"], t, d),
-        "linear_2": lin(names_p["l2"], t, t),
-    }
-    if c.multimodal_projector_bias:
-        projector["linear_1_bias"] = read(names_p["l1"] + ".bias", (t,))
-        projector["linear_2_bias"] = read(names_p["l2"] + ".bias", (t,))
-    out = {
-        "patch_embed": {"patch_conv": patch, "ln_pre": {"scale": read(tower + "ln_pre.weight", (d,))}},
-        "layers": stacked,
-        "projector": projector,
-    }
-    extra = sorted(x for x in names if is_vision_name(x) and x not in used and not x.endswith(_SCALE_SUFFIXES))
-    if extra:
-        layer_ids = [int(m.group(1)) for x in extra if (m := _LAYER_RE.search(x))]
-        hint = (f" (the vision config has {c.num_hidden_layers} layers)"
-                if layer_ids and max(layer_ids) >= c.num_hidden_layers else "")
-        if not c.multimodal_projector_bias and any(x.endswith(".bias") for x in extra):
-            hint += " (the config says multimodal_projector_bias = false)"
-        raise ValueError(f"unexpected vision tensor {extra[0]!r}{hint}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-    return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), out)
-
-
-def tensor_getter(index: Any, where: str, fp8_block: tuple[int, int] = (128, 128)) -> Callable[[str, tuple[int, ...]], np.ndarray]:
-    """get(name, shape) over a `safetensors_io.TensorIndex`: checks the shape and a float (or FP8) dtype,
-    returns float32 (FP8 dequantised with its `weight_scale_inv` / `qscale_weight`). For `read_vision_params`,
-    since `hf.HFReader` deliberately skips vision tensors."""
-    from .hf import dequantize_fp8
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in index:
-            raise ValueError(f"{where}: missing tensor {name!r}")
-        actual = tuple(index.shape(name))
-        if actual != tuple(shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {actual}, expected {tuple(shape)}")
-        dt = np.dtype(index.dtype(name))
-        if dt.name in ("float8_e4m3fn", "float8_e5m2"):
-            base = name[: -len(".weight")] if name.endswith(".weight") else name
-            for cand in (name + "_scale_inv", base + ".weight_scale_inv", base + ".qscale_weight"):
-                if cand in index:
-                    return dequantize_fp8(index.get(name), np.asarray(index.get(cand), np.float32), name, fp8_block)
-            raise ValueError(f"{where}: FP8 tensor {name!r} has no scale")
-        if dt.name not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"{where}: tensor {name!r} has unsupported dtype {dt.name}, expected a float dtype")
-        return np.asarray(index.get(name), dtype=np.float32)
-
-    return get
 
 
 def count_params(vcfg: VisionConfig) -> int:

@@ -23,10 +23,12 @@ import os
 import re
 from typing import Any
 
+import jax
 import numpy as np
 
-from .config import Mistral4Config
-from .safetensors_io import TensorIndex
+from ..config import Mistral4Config
+from ..model import layer_groups as model_layer_groups
+from .safetensors import TensorIndex
 
 _PREFIXES = (
     ("model.language_model.", "model."),
@@ -91,6 +93,7 @@ def canonical_name(name: str) -> str:
 
 
 def is_vision_name(name: str) -> bool:
+    """Whether a checkpoint tensor belongs to the vision tower or the projector (HF or native names)."""
     return name.startswith(_VISION_PREFIXES)
 
 
@@ -99,17 +102,19 @@ class HFReader:
 
     `get` returns float32 numpy arrays (exact for bf16/f16/FP8 inputs). Every name read, scales
     included, is recorded so that `unexpected()` can list what the model does not use.
+    `vision=False` reads the text tensors (under their canonical names), `vision=True` the vision tower and
+    projector tensors (under their stored names, for `weights.vision.read_vision_params`).
     """
 
-    def __init__(self, index: TensorIndex, where: str, fp8_block: tuple[int, int] = (128, 128)) -> None:
+    def __init__(self, index: TensorIndex, where: str, fp8_block: tuple[int, int] = (128, 128), vision: bool = False) -> None:
         self.index = index
         self.where = where
         self.fp8_block = fp8_block
         self._actual: dict[str, str] = {}
         for name in index.names():
-            if is_vision_name(name):
+            if is_vision_name(name) != vision:
                 continue
-            canon = canonical_name(name)
+            canon = name if vision else canonical_name(name)
             if canon in self._actual:
                 raise ValueError(f"{where}: duplicate tensor {canon!r} (stored as {self._actual[canon]!r} and {name!r})")
             self._actual[canon] = name
@@ -149,7 +154,8 @@ class HFReader:
 
     def _scale_of(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         base = name[: -len(".weight")] if name.endswith(".weight") else name
-        for cand in (name + "_scale_inv", base + ".weight_scale_inv", name + "_scale", base + ".weight_scale"):
+        for cand in (name + "_scale_inv", base + ".weight_scale_inv", name + "_scale", base + ".weight_scale",
+                     base + ".qscale_weight"):
             if cand in self._actual:
                 self.used.add(cand)
                 for act in (base + ".activation_scale", base + ".input_scale", name + "_activation_scale"):
@@ -285,10 +291,8 @@ def read_globals(r: HFReader, cfg: Mistral4Config) -> dict[str, Any]:
 
 def layer_groups(cfg: Mistral4Config) -> list[tuple[str, range]]:
     """Our stacked layer groups and the HF layer indices each holds."""
-    from .model import layer_groups as groups
-
     out, start = [], 0
-    for name, n, _ in groups(cfg):
+    for name, n, _ in model_layer_groups(cfg):
         out.append((name, range(start, start + n)))
         start += n
     return out
@@ -302,8 +306,6 @@ def read_params(directory: str, cfg: Mistral4Config, dtype: Any = np.float32) ->
 
     Raises ValueError naming the tensor for missing, unexpected, mis-shaped or wrongly typed tensors.
     """
-    import jax
-
     with open(os.path.join(directory, "config.json")) as f:
         block = fp8_block_size(json.load(f))
     r = HFReader(TensorIndex.open(directory), directory, block)

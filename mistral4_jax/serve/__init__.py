@@ -1,0 +1,1 @@
+"""Serving: image preprocessing (and, with the other branches, generation, sampling, chat)."""
