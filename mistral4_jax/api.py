@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .chat.session import ChatResult, ChatSession
+from .serve.chat.session import ChatResult, ChatSession
 from .config import Mistral4Config
 from .distributed import to_host
 from . import model as M
@@ -238,15 +238,15 @@ class Mistral4:
     def generator(self):
         """The compiled prefill/decode functions (built on first use, reused by every call)."""
         if getattr(self, "_generator", None) is None:
-            from .generate import Generator
+            from .serve.generate import Generator
 
             self._generator = Generator(self)
         return self._generator
 
     def _requests(self, prompts: Any, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   min_p: float, seed: int | Sequence[int], images: Any = None) -> list:
-        from .generate import Request
-        from .sampling import SamplingParams
+        from .serve.generate import Request
+        from .serve.sampling import SamplingParams
 
         single = isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], (int, np.integer))
         if single:
@@ -305,7 +305,7 @@ class Mistral4:
         `ChatResult.error` (finish_reason "error"), never raised. stop_token_ids default to the tokenizer's eos; [] means none. For a
         conversation that goes on turn after turn, `chat_session` keeps its cache between turns.
         """
-        from .chat import parse_answer
+        from .serve.chat import parse_answer
 
         tok = self.require_tokenizer()
         single = bool(messages) and isinstance(messages[0], dict)
@@ -347,7 +347,7 @@ class Mistral4:
         """(prompt ids, preprocessed images in `[IMG]` order) of one conversation, through the tokenizer's
         `encode_chat_with_images` (mistral-common's ids; pixels from `image.ImageProcessor`). ValueError
         for images with a text-only model, or a tokenizer whose image layout does not fit the vision tower."""
-        from .chat import has_image_parts
+        from .serve.chat import has_image_parts
 
         tok = self.require_tokenizer()
         if not has_image_parts(messages):
@@ -467,7 +467,7 @@ def _load_vision(path: str, converted: bool, dtype: Any) -> tuple[Any, Any]:
 
 def _find_tokenizer(path: str) -> Any:
     """The tokenizer stored in `path`, or None (with a warning if one is there but cannot be read)."""
-    from .chat import Tokenizer
+    from .serve.chat import Tokenizer
 
     if not any(os.path.exists(os.path.join(path, n)) for n in ("tekken.json", "tokenizer.json")):
         return None
