@@ -13,7 +13,7 @@ dtypes, shardings; `CompiledFn`), and each new compilation is announced on stder
 batch size, the prompt bucket and the new-token bucket (powers of two ≥ 16). Sampling settings, seeds,
 stop ids (up to 8) and `max_new_tokens` within a bucket do not.
 
-Chat sessions (`ChatSession`, in chat.py) keep one conversation's cache between turns and prefill only
+Chat sessions (`ChatSession`, in chat/session.py) keep one conversation's cache between turns and prefill only
 the new turn: `Generator.extend` writes a chunk of `prefill_chunk` tokens (right padded) at a slot of an
 existing cache, attending to the cached prefix and to itself (absorbed MLA, `model.forward(decode=True)`),
 so every turn of every length reuses one compiled chunk function per cache bucket; the cache grows to the
