@@ -37,7 +37,7 @@ def main() -> None:
 
         from mistral4_jax import Mistral4, Mistral4Config
         from mistral4_jax import model as M
-        from mistral4_jax.generate import Request
+        from mistral4_jax.serve.generate import Request
         from mistral4_jax.sharding import make_mesh
 
         cfg = Mistral4Config.from_json(C.config_path(args.config))

@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import model as M
-from .chat import has_image_parts, parse_answer
-from .chat.session import ChatResult, ChatSession
 from .config import Mistral4Config
 from .distributed import to_host
-from .generate import Generator, Request, bucket
 from .model.vision import check_image_token_count, image_features, num_image_tokens
-from .sampling import SamplingParams
+from .serve.chat import has_image_parts, parse_answer
+from .serve.chat.session import ChatResult, ChatSession
+from .serve.generate import Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
+from .serve.sampling import SamplingParams
 from .sharding import param_shardings
 
 log = logging.getLogger(__name__)

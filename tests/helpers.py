@@ -89,3 +89,30 @@ def assert_logits_close(ref: np.ndarray, ours: np.ndarray, valid: np.ndarray | N
     assert diff.max() <= LOGIT_ATOL, f"max |Δlogit| {diff.max():.3g} > {LOGIT_ATOL} (token {int(diff.argmax())})"
     assert kl.max() <= KL_MAX, f"max KL {kl.max():.3g} > {KL_MAX}"
     assert np.abs(ref).max() > 0.1, "reference logits are ~0: the comparison would be vacuous"
+
+
+def expected_params(c: Mistral4Config, mesh: dict[str, int]) -> tuple[int, int]:
+    """(parameters, parameters held by one device of `mesh`), counted from the config fields alone (HF
+    Mistral 4's modules) and the layout the README describes: experts over `expert`; heads, vocabulary and
+    FFN widths over `tensor`; norms, the low-rank projections and the router replicated."""
+    d, h, x, t = c.hidden_size, c.num_attention_heads, mesh["expert"], mesh["tensor"]
+    nope, rope, v, lat = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+    # attention (MLA): the low-rank query, the latent key/value with its rope part, per-head up-projections
+    if c.q_lora_rank:
+        q = c.q_lora_rank
+        attn_repl, attn_heads = d * q + q, q * h * (nope + rope)  # q_a_proj + its norm; q_b_proj
+    else:
+        attn_repl, attn_heads = 0, d * h * (nope + rope)  # q_proj
+    attn_repl += d * (lat + rope) + lat + 2 * d  # kv_a_proj_with_mqa, its norm, the layer's two norms
+    attn_heads += lat * h * (nope + v) + h * v * d  # kv_b_proj (k and v parts), o_proj
+    e, f, shared = c.n_routed_experts, c.moe_intermediate_size, c.moe_intermediate_size * c.n_shared_experts
+    dense = 3 * d * c.intermediate_size  # gate, up, down
+    moe_repl, experts, moe_mlp = d * e, 3 * e * d * f, 3 * d * shared  # router; routed experts; shared expert
+    n_dense = c.first_k_dense_replace
+    n_moe = c.num_hidden_layers - n_dense
+    vocab = c.vocab_size * d * (1 if c.tie_word_embeddings else 2)  # embedding (+ lm_head)
+    total = (c.num_hidden_layers * (attn_repl + attn_heads) + n_dense * dense
+             + n_moe * (moe_repl + experts + moe_mlp) + vocab + d)
+    per_device = (c.num_hidden_layers * (attn_repl + attn_heads // t) + n_dense * dense // t
+                  + n_moe * (moe_repl + experts // (x * t) + moe_mlp // t) + vocab // t + d)
+    return total, per_device

@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from mistral4_jax import Mistral4, batch
+from mistral4_jax import Mistral4, cli
 from mistral4_jax import model as M
-from mistral4_jax.chat import Tokenizer
-from mistral4_jax.demo import write_synthetic_tekken
+from mistral4_jax.cli import demo
+from mistral4_jax.serve import batch
+from mistral4_jax.serve.chat import ChatSession, Tokenizer
+from mistral4_jax.serve.generate import Generator
 from helpers import TINY
 
 CFG = TINY.replace(vocab_size=131072)
@@ -20,7 +22,7 @@ CFG = TINY.replace(vocab_size=131072)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    write_synthetic_tekken(d / "tekken.json")
+    demo.write_synthetic_tekken(d / "tekken.json")
     m = Mistral4(CFG, M.init_params(CFG, jax.random.key(0)))
     m.tokenizer = Tokenizer.from_dir(d)
     return m
@@ -60,9 +62,15 @@ def test_jsonl_batch_keeps_order_ids_and_reports_bad_lines(model):
     assert "reasoning_effort" in out[3]["error"]
     assert "temperature" in out[4]["error"]
     assert "unknown field 'bogus'" in out[6]["error"]
-    for r in (out[0], out[5]):
+    for r, line in ((out[0], lines[0]), (out[5], lines[6])):
         assert set(r) == {"id", "reasoning", "content", "prompt_tokens", "completion_tokens", "finish_reason"}
-    assert out[0]["completion_tokens"] <= 3 and out[5]["completion_tokens"] <= 5
+        # the same request through model.generate: the row reports its tokens and why they ended
+        req = json.loads(line)
+        prompt = model.tokenizer.encode_chat(req["messages"])
+        g, = model.generate([prompt], max_new_tokens=req["max_tokens"], temperature=req.get("temperature", 0.0),
+                            seed=req.get("seed", 0), stop_token_ids=[model.tokenizer.eos_id])
+        assert (r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) == (len(prompt), len(g.tokens), g.finish_reason)
+        assert r["finish_reason"] == ("length" if r["completion_tokens"] == req["max_tokens"] else "stop")
     again = list(batch.run(model, lines, {"max_new_tokens": 4}, batch_size=8))
     assert again == out  # batch composition does not change results (per-request seeds)
 
@@ -72,18 +80,14 @@ def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
     the earlier ones); `/image PATH` attaches an image to the next message: its `[IMG]` tokens get the image's
     features in the chunk prefill, and the answer equals a fresh `model.chat` of the same conversation; a
     missing file is reported and the session goes on; each new shape's compilation is announced once."""
-    from mistral4_jax import cli, demo
-    from mistral4_jax.chat import ChatSession
-    from mistral4_jax.generate import Generator
-
     ckpt = tmp_path / "ckpt"
     demo.write_hf_checkpoint(str(ckpt))
     demo.demo_image().save(tmp_path / "pic.png")
     lines = iter(["Hello", "/image " + str(tmp_path / "missing.png"), "/image " + str(tmp_path / "pic.png"),
                   "What is in the picture?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    sessions, chunks = [], []
-    init, extend = ChatSession.__init__, Generator.extend
+    sessions, chunks, streams = [], [], []
+    init, extend, stream = ChatSession.__init__, Generator.extend, ChatSession.stream
 
     def spy_init(self, *a, **k):
         init(self, *a, **k, prefill_chunk=16)  # the image's [IMG] tokens span several chunks
@@ -93,7 +97,12 @@ def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
         chunks.append((ids[0, :n].tolist(), None if feats is None else np.asarray(feats)))
         return extend(self, cache, ids, n, index, tokens, settings, feats)
 
+    def spy_stream(self, *a, **k):
+        streams.append(stream(self, *a, **k))
+        return streams[-1]
+
     monkeypatch.setattr(ChatSession, "__init__", spy_init)
+    monkeypatch.setattr(ChatSession, "stream", spy_stream)
     monkeypatch.setattr(Generator, "extend", spy_extend)
     assert cli.main(["chat", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
@@ -101,7 +110,7 @@ def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
     assert err.count("compiling decode loop for batch 1 x 16 new tokens, 256-slot cache") == 1
     assert "prefilled" in err and "cached" in err
     (session,) = sessions
-    model, last = session.model, session.last_result
+    model, last = session.model, streams[-1].result
     img_id = model.vision_config.image_token_index
     ids = model.encode_chat(session.messages[:-1])[0]
     assert last.prompt_tokens == len(ids) and 0 < last.cached_tokens < ids.index(img_id)  # turn 1 came from the cache

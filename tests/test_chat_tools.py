@@ -19,9 +19,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral4_jax import Mistral4
 from mistral4_jax import model as M
-from mistral4_jax.chat import Tokenizer, parse_answer
-from mistral4_jax.demo import write_synthetic_tekken
-from mistral4_jax.generate import Generation
+from mistral4_jax.serve.chat import Tokenizer, parse_answer
+from mistral4_jax.cli.demo import write_synthetic_tekken
+from mistral4_jax.serve.generate import Generation
 from helpers import TINY
 
 WEATHER = {"type": "function", "function": {

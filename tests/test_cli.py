@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from mistral4_jax import batch, cli, configs
+from mistral4_jax import cli, configs
+from mistral4_jax.serve import batch
 
 MISSING = "/nonexistent/mistral4-checkpoint"
 HELLO = [{"role": "user", "content": "Hello"}]

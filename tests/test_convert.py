@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 import mistral4_jax
 from mistral4_jax import checkpoint, sharding
@@ -112,35 +114,66 @@ def multimodal(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-_NATIVE = {
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_a_proj": "attention.wq_a", "self_attn.q_a_layernorm": "attention.q_a_norm",
-    "self_attn.q_b_proj": "attention.wq_b", "self_attn.kv_a_proj_with_mqa": "attention.wkv_a_with_mqa",
-    "self_attn.kv_a_layernorm": "attention.kv_a_norm", "self_attn.kv_b_proj": "attention.wkv_b",
-    "self_attn.o_proj": "attention.wo", "mlp.gate": "gate", "mlp.shared_experts.gate_proj": "shared_experts.w1",
-    "mlp.shared_experts.up_proj": "shared_experts.w3", "mlp.shared_experts.down_proj": "shared_experts.w2",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
-}
+# Mistral native names. Their HF names come from transformers' own loading map for Mistral's native layout
+# (`conversion_mapping`, "mistral_large4" + "mistral_large4_text": the same names as Mistral 4's consolidated
+# checkpoint) and its FP8 quantizer's `qscale_weight` rename; what that map lacks is written here, from HF
+# `Mistral4ForCausalLM`'s module names: the query LoRA (Mistral Large 3 has none), `qscale_act` and the
+# per-expert names (transformers fuses the experts on load: gate_up_proj from [w1, w3], down_proj from w2).
+_TF_RENAMES = [t for t in (*get_checkpoint_conversion_mapping("mistral_large4"),
+                           *get_checkpoint_conversion_mapping("mistral_large4_text")) if isinstance(t, WeightRenaming)]
+_TF_RENAMES.append(WeightRenaming(source_patterns=r"\.qscale_weight", target_patterns=".weight_scale_inv"))
+_NOT_IN_TF = {".self_attn.wq_a.": ".self_attn.q_a_proj.", ".self_attn.wq_b.": ".self_attn.q_b_proj.",
+              ".self_attn.q_a_norm.": ".self_attn.q_a_layernorm.", ".qscale_act": ".activation_scale",
+              ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+NATIVE_GLOBALS = ("tok_embeddings", "norm", "output")
+NATIVE_MODULES = ("attention_norm", "ffn_norm", "attention.wq_a", "attention.q_a_norm", "attention.wq_b",
+                  "attention.wkv_a_with_mqa", "attention.kv_a_norm", "attention.wkv_b", "attention.wo", "gate",
+                  "shared_experts.w1", "shared_experts.w2", "shared_experts.w3",
+                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+NATIVE_SUFFIXES = ("weight", "qscale_weight", "qscale_act")
+
+
+def tf_hf_name(name: str) -> str:
+    """The HF text-model name of Mistral native tensor `name`, by transformers' map (see above)."""
+    for t in _TF_RENAMES:
+        name, _ = t.rename_source_key(name)
+    name = name.replace("model.language_model.", "model.")
+    for a, b in _NOT_IN_TF.items():
+        name = name.replace(a, b)
+    return name
+
+
+def test_tf_map_fuses_experts_gate_first():
+    """The per-expert names above follow transformers' expert converters: gate_up_proj = [w1 | w3], down_proj = w2."""
+    fused = {t.target_patterns[0].rsplit(".", 1)[-1]: [p.split(".")[-2] for p in t._original_source_patterns]
+             for t in get_checkpoint_conversion_mapping("mistral_large4_text")
+             if isinstance(t, WeightConverter) and ".experts" in t.target_patterns[0]}
+    assert fused == {"gate_up_proj": ["w1", "w3"], "down_proj": ["w2"]}
+
+
+def native_names(cfg) -> dict[str, str]:
+    """HF text name -> Mistral native name, for every tensor a native checkpoint of `cfg` may hold."""
+    names = list(NATIVE_GLOBALS)
+    for i in range(cfg.num_hidden_layers):
+        names += [f"layers.{i}.{m}" for m in NATIVE_MODULES]
+        names += [f"layers.{i}.experts.{e}.w{k}" for e in range(cfg.n_routed_experts) for k in (1, 2, 3)]
+    out = {tf_hf_name(f"{n}.{s}"): f"{n}.{s}" for n in names for s in NATIVE_SUFFIXES}
+    assert len(out) == len(names) * len(NATIVE_SUFFIXES)  # no two native names map to one HF name
+    return out
 
 
 def native(tensors: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
     """Mistral native names (per-expert w1/w2/w3, qscale_weight / qscale_act) of per-expert HF tensors."""
-    globals_ = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
-    suffixes = {"weight": "weight", "weight_scale_inv": "qscale_weight", "activation_scale": "qscale_act"}
-    out = {}
-    for name, a in per_expert(tensors, cfg).items():
-        module, suffix = name.rsplit(".", 1)
-        if module in globals_:
-            out[f"{globals_[module]}.{suffixes[suffix]}"] = a
-            continue
-        _, _, layer, rest = module.split(".", 3)
-        if rest.startswith("mlp.experts."):
-            e, proj = rest.split(".")[2:4]
-            rest = f"experts.{e}." + {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[proj]
-        else:
-            rest = _NATIVE[rest]
-        out[f"layers.{layer}.{rest}.{suffixes[suffix]}"] = a
-    return out
+    names = native_names(cfg)
+    return {names[name]: a for name, a in per_expert(tensors, cfg).items()}
+
+
+def test_native_names_are_transformers_names():
+    """`hf.native_to_hf_name` (the converter's table) gives transformers' names for every native tensor."""
+    for hf_text, name in native_names(CFG).items():
+        assert hf.native_to_hf_name(name) == hf_text, name
+    assert hf.native_to_hf_name("layers.0.attention.wq.weight") == tf_hf_name("layers.0.attention.wq.weight")  # no q LoRA
+    assert hf.native_to_hf_name("model.layers.0.mlp.gate.weight") is None  # an HF name is not a native one
 
 
 def params_json(cfg, **extra) -> dict:
@@ -479,23 +512,12 @@ def test_fp8_per_tensor_dequantised_bit_exact(fp8_tensor, tmp_path):
     assert_trees_equal(bf16, jax.tree_util.tree_map(lambda x: x.astype(BF16), ref))
 
 
-_NATIVE_TO_HF = {v: k for k, v in _NATIVE.items()}
-
-
 def hf_name(name: str) -> str:
     """The HF text-model name of a source tensor (HF, multimodal on disk, or Mistral native names)."""
     name = name.removeprefix("language_model.")
     if not name.startswith("layers."):  # HF names, or a native global (tok_embeddings, norm, output)
         return name
-    module, suffix = name.rsplit(".", 1)
-    suffix = {"weight": "weight", "qscale_weight": "weight_scale_inv", "qscale_act": "activation_scale"}[suffix]
-    _, layer, rest = module.split(".", 2)
-    if rest.startswith("experts."):
-        _, e, w = rest.split(".")
-        rest = f"mlp.experts.{e}." + {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[w]
-    else:
-        rest = _NATIVE_TO_HF[rest]
-    return f"model.layers.{layer}.{rest}.{suffix}"
+    return tf_hf_name(name)
 
 
 def our_layout(name: str, w: np.ndarray, cfg) -> list[tuple[str, int | None, np.ndarray]]:

@@ -11,6 +11,8 @@ import torch
 
 import mistral4_jax
 from mistral4_jax import model as M
+from mistral4_jax.serve.generate import Request
+from mistral4_jax.serve.sampling import SamplingParams
 from helpers import TINY, assert_logits_close, hf_greedy_batch, make_hf_model, save_hf
 
 CFG = TINY.replace(original_max_position_embeddings=4)  # YaRN + query scaling active within the test lengths
@@ -141,14 +143,13 @@ def test_seeds_reproduce_and_streaming_matches(pair, prompts):
     assert [r.tokens for r in a] != [r.tokens for r in c]
     alone = model.generate([prompts[1]], seed=[2], **kw)  # a row does not depend on its batch
     assert alone[0].tokens == a[1].tokens
-    gen = model.generator
-    from mistral4_jax.generate import Request
-    from mistral4_jax.sampling import SamplingParams
-
     reqs = [Request(p, 24, SamplingParams(1.0, 50, 0.9), s) for p, s in zip(prompts, [1, 2, 3])]
-    chunks = list(gen.stream(reqs, [CFG.vocab_size - 1], chunk=5))
+    stream = model.generator.stream(reqs, [CFG.vocab_size - 1], chunk=5)
+    assert stream.result is None
+    chunks = list(stream)
     assert len(chunks) > 3
     assert [sum((ch[i] for ch in chunks), []) for i in range(3)] == [r.tokens for r in a]
+    assert stream.result == a  # the same Generations (tokens, finish_reason, prompt_tokens) as generate
 
 
 def test_generation_bad_input(pair):

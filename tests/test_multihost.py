@@ -73,9 +73,10 @@ def test_two_processes_equal_one(converted, tmp_path):
 
 
 def test_dead_peer_fails_the_survivor(converted, tmp_path):
+    """The survivor exits with an error (within `_wait`'s bound, else the test fails) and writes nothing."""
     ckpt, _, _ = converted
-    t0 = time.monotonic()
-    (rc0, log0), (rc1, _) = _wait(_launch(ckpt, str(tmp_path / "x.json"), "die"), timeout=180)
+    out = tmp_path / "x.json"
+    (rc0, log0), (rc1, _) = _wait(_launch(ckpt, str(out), "die"), timeout=180)
     assert rc1 == 3
     assert rc0 != 0, log0[-2000:]
-    assert time.monotonic() - t0 < 180
+    assert not out.exists()

@@ -19,8 +19,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from helpers import REPO
-from mistral4_jax import cli, configs, demo
+from helpers import REPO, expected_params
+from mistral4_jax import Mistral4Config, cli, configs
+from mistral4_jax.cli import demo
+from mistral4_jax.serve.chat import Tokenizer
 
 NOTEBOOKS = sorted(n for n in os.listdir(os.path.join(REPO, "notebooks")) if n.endswith(".ipynb"))
 DEVICES = (1, 8)
@@ -100,13 +102,16 @@ def _number(text: str) -> float:
 
 
 @pytest.mark.parametrize("devices", DEVICES)
-def test_quickstart(executed, devices):
+def test_quickstart(executed, devices, tmp_path):
     out = executed("quickstart.ipynb", devices)
     load, chat, image, preprocessing, experts = (o for o in out if o)
     assert re.search(rf"on cpu: {devices} device\(s\)$", load, re.M)
     assert re.search(r"^[\d,]+ parameters; vision tower: True$", load, re.M)
     answers = re.findall(r"^reasoning_effort=(\w+): (\d+) prompt tokens -> (\d+) tokens in", chat, re.M)
     assert [a[0] for a in answers] == ["none", "high"] and all(0 < int(a[2]) <= 24 for a in answers)
+    tok = Tokenizer.from_dir(demo.write_synthetic_tekken(tmp_path))  # the demo checkpoint's tokenizer
+    question = [{"role": "user", "content": "Is 97 a prime number?"}]
+    assert [int(a[1]) for a in answers] == [len(tok.encode_chat(question, reasoning_effort=e)) for e in ("none", "high")]
     # the picture is 200x140: each side rounded up to a multiple of 28 px (patch 14 x merge 2)
     w, h = demo.demo_image().size
     rows, cols = math.ceil(h / 28), math.ceil(w / 28)
@@ -137,12 +142,17 @@ def test_convert_and_shard(executed, devices):
     # the real model's plans, checked against the config file and the plan's own arithmetic
     real = json.load(open(configs.resolve("mistral-small-4-119b")))
     kv_token = real["num_hidden_layers"] * (real["kv_lora_rank"] + real["qk_rope_head_dim"]) * 2  # bf16 cache
+    params, _ = expected_params(Mistral4Config.from_json(configs.resolve("mistral-small-4-119b")),
+                                {"data": 1, "expert": 8, "tensor": 2})
+    _, bf16_device = expected_params(Mistral4Config.from_json(configs.resolve("mistral-small-4-119b")),
+                                     {"data": 1, "expert": 1, "tensor": 8})
     found = re.findall(r"parameters +([\d.]+) B \(([\d.]+) GiB in all\)\nweights per device +([\d.]+) GiB\n"
                        r"KV cache per token +([\d,]+) bytes.*\nKV per device +([\d.]+) GiB for batch 8 x context 32768\n"
                        r"memory per device +([\d.]+) GiB -> (fits|does NOT fit)", plans)
     assert len(found) == 2
-    for (params, total, weights, kv, kv_device, hbm, fits), chips in zip(found, (16, 8)):
-        assert 118.5 <= float(params) <= 119.5  # Mistral-Small-4-119B
+    assert found[1][1:3] == (f"{2 * params / 2**30:.1f}", f"{2 * bf16_device / 2**30:.2f}")  # bf16 over tensor=8
+    for (billions, total, weights, kv, kv_device, hbm, fits), chips in zip(found, (16, 8)):
+        assert billions == f"{params / 1e9:.2f}" and 118.5 <= float(billions) <= 119.5  # Mistral-Small-4-119B
         assert float(total) / chips <= float(weights) <= float(total)
         assert _number(kv) == kv_token
         assert float(kv_device) == pytest.approx(8 * 32768 * kv_token / 2**30, abs=1e-3)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral4_jax.sampling import (
+from mistral4_jax.serve.sampling import (
     DEFAULT_CANDIDATES,
     SamplingParams,
     filter_mask,

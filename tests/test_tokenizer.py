@@ -13,8 +13,8 @@ import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral4_jax.chat import IncrementalDecoder, Tokenizer, split_reasoning
-from mistral4_jax.demo import write_synthetic_tekken
+from mistral4_jax.serve.chat import IncrementalDecoder, Tokenizer, split_reasoning
+from mistral4_jax.cli.demo import write_synthetic_tekken
 
 MULTIBYTE = "Grüße, naïve café 😀👍🏽 日本語のテキスト — ∑x² ≠ ∞; Ελληνικά; emoji family 👨‍👩‍👧 end"
 

@@ -25,10 +25,11 @@ import transformers
 from PIL import Image
 
 import mistral4_jax
-from mistral4_jax import batch, checkpoint, cli
+from mistral4_jax import checkpoint, cli
+from mistral4_jax.serve import batch
 from mistral4_jax.convert import convert
-from mistral4_jax.chat import Tokenizer
-from mistral4_jax.demo import write_synthetic_tekken
+from mistral4_jax.serve.chat import Tokenizer
+from mistral4_jax.cli.demo import write_synthetic_tekken
 from helpers import TINY, assert_logits_close
 
 CFG = TINY.replace(vocab_size=131072)

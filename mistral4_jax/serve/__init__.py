@@ -1,1 +1,2 @@
-"""Serving: image preprocessing (and, with the other branches, generation, sampling, chat)."""
+"""Serving: the generation loop (`generate`), samplers (`sampling`), JSONL batches (`batch`), the
+tokenizer and chat format (`chat`), image preprocessing (`image`)."""

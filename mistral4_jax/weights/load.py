@@ -15,7 +15,7 @@ import numpy as np
 from .. import checkpoint
 from .. import model as M
 from ..api import Mistral4, default_compute_dtype, resolve_dtype
-from ..chat import Tokenizer
+from ..serve.chat import Tokenizer
 from ..config import Mistral4Config
 from ..model.vision import vision_dtype
 from ..model.vision_config import VisionConfig

@@ -59,7 +59,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from . import checkpoint
+    from .. import checkpoint
 
     manifest, arrays = checkpoint.describe(args.path)
     src = manifest["source"]
@@ -94,11 +94,11 @@ def _stacked(arrays: list[tuple[str, tuple[int, ...], str]]) -> list[tuple[str, 
 
 
 def _add_running(sub: argparse._SubParsersAction) -> None:
-    from . import run_cli
+    from . import commands
 
     from . import demo
 
-    for add in (run_cli.add_plan, run_cli.add_generate, run_cli.add_chat, demo.add_demo):
+    for add in (commands.add_plan, commands.add_generate, commands.add_chat, demo.add_demo):
         add(sub, _subcommand)
 
 
@@ -142,6 +142,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush does not fail too
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from typing import Any
 from mistral_common.tokens.tokenizers.image import ImageConfig, ImageEncoding, SpecialImageIDs
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from ..serve.image import ImageProcessor, describe
+from ..image import ImageProcessor, describe
 from .format import IMAGE_PART_TYPES, build_request, encode_request
 
 

@@ -16,10 +16,10 @@ import sys
 import time
 from typing import Any
 
-from .api import DTYPES
-from .plan import parse_bytes
-from .sampling import SamplingParams
-from .chat import REASONING_EFFORTS
+from ..api import DTYPES
+from ..plan import parse_bytes
+from ..serve.sampling import SamplingParams
+from ..serve.chat import REASONING_EFFORTS
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def load_model(args: argparse.Namespace) -> Any:
     return model
 
 
-from .distributed import is_main_process  # noqa: E402  (host 0 alone prints and writes)
+from ..distributed import is_main_process  # noqa: E402  (host 0 alone prints and writes)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -236,15 +236,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Stream one answer to stdout (generate --prompt)."""
-    from mistral4_jax.generate import Request
-    from mistral4_jax.sampling import SamplingParams
+    from mistral4_jax.serve.generate import Request
+    from mistral4_jax.serve.sampling import SamplingParams
 
     prompt, images = model.encode_chat(messages, reasoning_effort=args.reasoning_effort)  # images: --image files
     request = Request(prompt, args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p),
                       args.seed, tuple(images))
-    rows = model.generator.stream([request], [model.require_tokenizer().eos_id], chunk=8)
-    seconds = _print_stream(model, (row for row, in rows))
-    result = model.generator.last_results[0]
+    stream = model.generator.stream([request], [model.require_tokenizer().eos_id], chunk=8)
+    seconds = _print_stream(model, (row for row, in stream))
+    result = stream.result[0]
     _report(len(result.tokens), seconds, result.finish_reason)
 
 
@@ -278,7 +278,7 @@ MAX_REPORTED = 10
 def read_requests(args: argparse.Namespace) -> list[Any]:
     """The checked lines of --input (`batch.parse`); each bad line is reported on stderr now.
     ValueError when there is nothing to run (an empty file, or no valid line)."""
-    from mistral4_jax import batch
+    from mistral4_jax.serve import batch
 
     with open(args.input) as f:
         lines = f.read().splitlines()
@@ -303,7 +303,7 @@ def read_requests(args: argparse.Namespace) -> list[Any]:
 
 def write_results(model: Any, requests: list[Any], args: argparse.Namespace) -> int:
     """Serve the checked requests and write one result per line to --output (host 0 only)."""
-    from mistral4_jax import batch
+    from mistral4_jax.serve import batch
 
     results = list(batch.serve(model, requests, args.batch_size))
     if is_main_process():
@@ -361,12 +361,13 @@ def run_chat(args: argparse.Namespace) -> int:
         if not line:
             continue
         message, images = _user_message(line, images), []
+        answer = session.stream(message)
         try:
-            seconds = _print_stream(model, session.stream(message))
+            seconds = _print_stream(model, answer)
         except (ValueError, OSError) as e:  # e.g. an unreadable image: report it, keep the session
             print(f"chat: error: {e}", file=sys.stderr)
             continue
-        r = session.last_result
+        r = answer.result
         _report(r.completion_tokens, seconds, r.finish_reason,
                 f", prompt {r.prompt_tokens} tokens ({r.prompt_tokens - r.cached_tokens} prefilled, {r.cached_tokens} cached)")
     return 0

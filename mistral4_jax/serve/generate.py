@@ -13,7 +13,7 @@ dtypes, shardings; `CompiledFn`), and each new compilation is announced on stder
 batch size, the prompt bucket and the new-token bucket (powers of two ≥ 16). Sampling settings, seeds,
 stop ids (up to 8) and `max_new_tokens` within a bucket do not.
 
-Chat sessions (`ChatSession`, in chat.py) keep one conversation's cache between turns and prefill only
+Chat sessions (`ChatSession`, in chat/session.py) keep one conversation's cache between turns and prefill only
 the new turn: `Generator.extend` writes a chunk of `prefill_chunk` tokens (right padded) at a slot of an
 existing cache, attending to the cached prefix and to itself (absorbed MLA, `model.forward(decode=True)`),
 so every turn of every length reuses one compiled chunk function per cache bucket; the cache grows to the
@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from . import model as M
-from .distributed import is_main_process, to_host
+from .. import model as M
+from ..distributed import is_main_process, to_host
 from .sampling import SamplingParams, row_keys, sample
 
 if TYPE_CHECKING:
-    from .api import Mistral4
+    from ..api import Mistral4
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,47 @@ class CompiledFn:
         return self.executable(*args)(*args)
 
 
-def _cache_len(cache: dict[str, Any]) -> int:
+def cache_slots(cache: Any) -> int:
+    """The number of slots S of a model cache (`model.init_cache`, [B, S, ...])."""
     return cache["valid"].shape[1]
+
+
+@struct.dataclass
+class DecodeState:
+    """The carry of the decode loop (`lax.while_loop`), for B rows and N new-token slots.
+
+    cache    the model's latent cache, [B, S slots, ...] (`model.init_cache`)
+    tokens   int32 [B, N]  generated tokens; tokens[:, i] is each row's token i (0 after a row is done)
+    step     int32 []      tokens generated so far (the next one goes to tokens[:, step])
+    start    int32 []      cache slot of tokens[:, 0] (the same for every row)
+    lengths  int32 [B]     position of tokens[:, 0] in each row (its prompt length)
+    stopped  bool [B]      the row produced a stop token
+    done     bool [B]      the row is finished: a stop token or its `max_new_tokens`
+    """
+
+    cache: Any
+    tokens: jax.Array
+    step: jax.Array
+    start: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+    done: jax.Array
+
+
+class Stream(Iterator[Any]):
+    """The chunks of one streaming call (`Generator.stream`, `ChatSession.stream`); once it is exhausted,
+    `result` holds what the call produced (None before): one `Generation` per request, or a `ChatResult`."""
+
+    def __init__(self, chunks: Iterator[Any]) -> None:
+        self._chunks = chunks
+        self.result: Any = None
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._chunks)
+        except StopIteration as end:
+            self.result = end.value
+            raise
 
 
 class Generator:
@@ -135,16 +175,16 @@ class Generator:
         self.cache_dtype = cache_dtype or model.compute_dtype
         self._prefill = CompiledFn(
             self._prefill_impl, lambda p, ids, m, cache, *a: f"prefill for batch {ids.shape[0]} x {ids.shape[1]} tokens, "
-            f"{_cache_len(cache)}-slot cache", self._announce, donate_argnames=("cache",))
+            f"{cache_slots(cache)}-slot cache", self._announce, donate_argnames=("cache",))
         self._extend = CompiledFn(
             self._extend_impl, lambda p, cache, ids, n, i, tokens, *a: f"chat prefill for {ids.shape[1]}-token chunks, "
-            f"{_cache_len(cache)}-slot cache, {tokens.shape[1]} new tokens", self._announce, donate_argnames=("cache",))
+            f"{cache_slots(cache)}-slot cache, {tokens.shape[1]} new tokens", self._announce, donate_argnames=("cache",))
         self._decode = CompiledFn(
-            self._decode_impl, lambda p, st, *a: f"decode loop for batch {st['tokens'].shape[0]} x "
-            f"{st['tokens'].shape[1]} new tokens, {_cache_len(st['cache'])}-slot cache", self._announce,
+            self._decode_impl, lambda p, st, *a: f"decode loop for batch {st.tokens.shape[0]} x "
+            f"{st.tokens.shape[1]} new tokens, {cache_slots(st.cache)}-slot cache", self._announce,
             donate_argnames=("state",))
         self._grow = CompiledFn(
-            self._grow_impl, lambda old, new: f"cache growth from {_cache_len(old)} to {_cache_len(new)} slots",
+            self._grow_impl, lambda old, new: f"cache growth from {cache_slots(old)} to {cache_slots(new)} slots",
             self._announce, donate_argnames=("new",))
 
     @property
@@ -161,20 +201,14 @@ class Generator:
         return lambda seconds: print(f" {seconds:.1f} s", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------- jitted
-    def _first_state(self, cache, logits, start, lengths, tokens, sampling, seeds, stop_ids, max_new):
+    def _first_state(self, cache, logits, start, lengths, tokens, sampling, seeds, stop_ids, max_new) -> DecodeState:
         """The decode state after a prefill: token 0 sampled from logits [B, X]; it goes to cache slot `start`
         (scalar) at position `lengths` [B]. tokens [B, N] (zeros) is the buffer of generated tokens."""
         tok = sample(logits, row_keys(seeds, 0), *sampling)
         stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        return {
-            "cache": cache,
-            "tokens": tokens.at[:, 0].set(tok),  # [B, N]
-            "step": jnp.int32(1),  # tokens generated so far
-            "start": jnp.asarray(start, jnp.int32),  # cache slot of tokens[:, 0]
-            "lengths": lengths.astype(jnp.int32),  # [B] position of tokens[:, 0]
-            "stopped": stopped,  # [B]
-            "done": stopped | (max_new <= 1),  # [B]
-        }
+        return DecodeState(cache=cache, tokens=tokens.at[:, 0].set(tok), step=jnp.int32(1),
+                           start=jnp.asarray(start, jnp.int32), lengths=lengths.astype(jnp.int32), stopped=stopped,
+                           done=stopped | (max_new <= 1))
 
     def _prefill_impl(self, params, ids, mask, cache, tokens, sampling, seeds, stop_ids, max_new, image_features=None):
         """ids, mask [B, Tp] (left padded) into slots 0..Tp-1 of an empty cache -> decode state.
@@ -202,25 +236,25 @@ class Generator:
         return self._first_state(cache, logits[:, 0], index + n, jnp.full((b,), index + n), tokens, sampling, seeds,
                                  stop_ids, max_new)
 
-    def _decode_impl(self, params, state, limit, sampling, seeds, stop_ids, max_new):
+    def _decode_impl(self, params, state: DecodeState, limit, sampling, seeds, stop_ids, max_new) -> DecodeState:
         """Run decode steps until `limit` tokens exist or every row is done."""
 
-        def cond(st):
-            return (st["step"] < limit) & ~jnp.all(st["done"])
+        def cond(st: DecodeState):
+            return (st.step < limit) & ~jnp.all(st.done)
 
-        def body(st):
-            s = st["step"]
-            last = jax.lax.dynamic_index_in_dim(st["tokens"], s - 1, axis=1, keepdims=True)  # [B, 1]
-            pos = (st["lengths"] + s - 1)[:, None]
+        def body(st: DecodeState) -> DecodeState:
+            s = st.step
+            last = jax.lax.dynamic_index_in_dim(st.tokens, s - 1, axis=1, keepdims=True)  # [B, 1]
+            pos = (st.lengths + s - 1)[:, None]
             logits, _, cache = self.model.apply(
-                params, last, pos, jnp.ones_like(last, bool), cache=st["cache"], index=st["start"] + s - 1, decode=True
+                params, last, pos, jnp.ones_like(last, bool), cache=st.cache, index=st.start + s - 1, decode=True
             )
             tok = sample(logits[:, 0], row_keys(seeds, s), *sampling)
-            tok = jnp.where(st["done"], 0, tok)
-            hit = ~st["done"] & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-            tokens = jax.lax.dynamic_update_index_in_dim(st["tokens"], tok, s, axis=1)
-            done = st["done"] | hit | (s + 1 >= max_new)
-            return {**st, "cache": cache, "tokens": tokens, "step": s + 1, "stopped": st["stopped"] | hit, "done": done}
+            tok = jnp.where(st.done, 0, tok)
+            hit = ~st.done & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+            tokens = jax.lax.dynamic_update_index_in_dim(st.tokens, tok, s, axis=1)
+            done = st.done | hit | (s + 1 >= max_new)
+            return st.replace(cache=cache, tokens=tokens, step=s + 1, stopped=st.stopped | hit, done=done)
 
         return jax.lax.while_loop(cond, body, state)
 
@@ -234,7 +268,7 @@ class Generator:
         """An empty cache [batch, length slots] in the cache dtype, placed on the model's mesh if any."""
         cache = M.init_cache(self.model.config, batch, length, self.cache_dtype)
         if self.model.mesh is not None:
-            from .sharding import cache_shardings
+            from ..sharding import cache_shardings
 
             cache = jax.device_put(cache, cache_shardings(self.model.mesh, cache))
         return cache
@@ -244,10 +278,10 @@ class Generator:
         return self._grow(cache, self.new_cache(cache["valid"].shape[0], length))
 
     def extend(self, cache: dict[str, Any], ids: np.ndarray, n: int, index: int, tokens: np.ndarray,
-               settings: tuple[Any, ...], image_features: Any = None) -> dict[str, Any]:
+               settings: tuple[Any, ...], image_features: Any = None) -> DecodeState:
         """Prefill chunk ids [B, C] (n real tokens, then padding) at cache slot `index` (see `_extend_impl`).
         settings = (sampling arrays, seeds, stop ids, max_new) as `settings` makes them. Returns the decode
-        state; its "cache" holds the chunk (the given cache is consumed)."""
+        state; its `cache` holds the chunk (the given cache is consumed)."""
         return self._extend(self.model.params, cache, ids, np.int32(n), np.int32(index), tokens, *settings,
                             image_features)
 
@@ -262,20 +296,20 @@ class Generator:
         return (SamplingParams.stack([r.sampling for r in requests]), np.asarray([r.seed for r in requests], np.uint32),
                 stops, np.asarray([r.max_new_tokens for r in requests], np.int32))
 
-    def follow(self, state: dict[str, Any], requests: Sequence[Request], settings: tuple[Any, ...],
+    def follow(self, state: DecodeState, requests: Sequence[Request], settings: tuple[Any, ...],
                chunk: int | None = None) -> Iterator[list[list[int]]]:
         """Yield, after the prefill (`state`) and after each chunk of `chunk` decode steps, the new tokens of
         every row (stop tokens dropped). Its return value (`yield from`) is (tokens per row, stopped per row,
         the final state). The decode loop is compiled before the first tokens are yielded."""
-        n = state["tokens"].shape[1]
+        n = state.tokens.shape[1]
         stop_set = set(settings[2].tolist()) - {-1}
         rows: list[list[int]] = [[] for _ in requests]
         closed = [False] * len(requests)
         emitted, chunk = 0, chunk or n
         while True:
-            step = int(to_host(state["step"]))
-            new = to_host(state["tokens"])[:, emitted:step]
-            finished = bool(to_host(state["done"]).all()) or step >= n
+            step = int(to_host(state.step))
+            new = to_host(state.tokens)[:, emitted:step]
+            finished = bool(to_host(state.done).all()) or step >= n
             if not finished:  # compile (and announce) before showing tokens
                 decode = self._decode.executable(self.model.params, state, np.int32(0), *settings)
             fresh_rows = []
@@ -293,15 +327,20 @@ class Generator:
             if finished:
                 break
             state = decode(self.model.params, state, np.int32(min(step + chunk, n)), *settings)
-        return rows, to_host(state["stopped"]).tolist(), state
+        return rows, to_host(state.stopped).tolist(), state
 
     def stream(self, requests: Sequence[Request], stop_token_ids: Sequence[int], chunk: int | None = None,
-               max_len: int | None = None) -> Iterator[list[list[int]]]:
-        """Yield, after each chunk of decode steps, the new tokens of every row (stop tokens dropped).
+               max_len: int | None = None) -> Stream:
+        """A `Stream` that yields, after each chunk of decode steps, the new tokens of every row (stop tokens
+        dropped); once exhausted, its `result` is one `Generation` per request.
 
         `stop_token_ids` may be empty: the rows then end only at their `max_new_tokens`.
-        Once the iterator is exhausted, `self.last_results` holds one `Generation` per request.
         """
+        return Stream(self._stream(requests, stop_token_ids, chunk, max_len))
+
+    def _stream(self, requests: Sequence[Request], stop_token_ids: Sequence[int], chunk: int | None,
+                max_len: int | None) -> Iterator[list[list[int]]]:
+        """`stream`'s chunks; its return value (`StopIteration.value`) is one `Generation` per request."""
         cfg = self.model.config
         if not requests:
             raise ValueError("no prompts given: pass at least one prompt")
@@ -335,10 +374,11 @@ class Generator:
         state = self._prefill(self.model.params, ids, mask, self.new_cache(b, tp + n), np.zeros((b, n), np.int32),
                               *settings, features)
         rows, stopped, _ = yield from self.follow(state, requests, settings, chunk)
-        self.last_results = [Generation(rows[i], "stop" if stopped[i] else "length", len(prompts[i])) for i in range(b)]
+        return [Generation(rows[i], "stop" if stopped[i] else "length", len(prompts[i])) for i in range(b)]
 
     def generate(self, requests: Sequence[Request], stop_token_ids: Sequence[int], max_len: int | None = None) -> list[Generation]:
         """Run every request to completion and return one `Generation` per request, in order."""
-        for _ in self.stream(requests, stop_token_ids, max_len=max_len):
+        stream = self.stream(requests, stop_token_ids, max_len=max_len)
+        for _ in stream:
             pass
-        return self.last_results
+        return stream.result

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..distributed import to_host
-from ..generate import Request, bucket
+from ...distributed import to_host
+from ..generate import Request, Stream, bucket, cache_slots
 from ..sampling import SamplingParams
 from .tools import parse_answer
 
 if TYPE_CHECKING:
-    from ..api import Mistral4
+    from ...api import Mistral4
 
 PREFILL_CHUNK = 128
 """Tokens per chunk-prefill call of a chat turn (the last chunk is padded): one compiled shape for every turn."""
@@ -74,7 +74,7 @@ class ChatSession:
     `messages`: the conversation so far (system prompt, then user/assistant turns; answers carry their
     reasoning as `reasoning_content`). `send(message)` answers one user message (a string, or an
     OpenAI-style message dict, which may hold image parts) and returns a `ChatResult`; `stream(message)`
-    yields the answer's token ids chunk by chunk (then `last_result`). Sampling settings apply to every
+    yields the answer's token ids chunk by chunk (a `Stream`, whose `result` is then the `ChatResult`). Sampling settings apply to every
     turn; each turn samples with `seed`, as `model.chat(messages, seed=seed)` would. `stop_token_ids`:
     default the tokenizer's eos; [] = no stop token (turns end at `max_new_tokens`). `reset()` starts over.
     """
@@ -99,7 +99,6 @@ class ChatSession:
         self._cache: dict[str, Any] | None = None
         self._cached: list[int] = []  # the ids whose keys/values fill cache slots 0..len-1
         self._features: dict[str, np.ndarray] = {}  # image features [rows, D] by pixel digest
-        self.last_result: ChatResult | None = None
 
     def reset(self) -> None:
         """Forget the conversation (back to the system prompt); the cache's memory is kept for reuse."""
@@ -109,14 +108,18 @@ class ChatSession:
 
     def send(self, message: str | dict[str, Any]) -> ChatResult:
         """Answer one user message (and add it and the answer to `messages`)."""
-        for _ in self.stream(message):
+        stream = self.stream(message)
+        for _ in stream:
             pass
-        assert self.last_result is not None
-        return self.last_result
+        return stream.result
 
-    def stream(self, message: str | dict[str, Any], chunk: int = 8) -> Iterator[list[int]]:
-        """Yield the answer's new token ids after the prefill and after every `chunk` decode steps (stop token
-        dropped); when exhausted, `last_result` holds the `ChatResult` and `messages` the two new turns."""
+    def stream(self, message: str | dict[str, Any], chunk: int = 8) -> Stream:
+        """A `Stream` of the answer's new token ids after the prefill and after every `chunk` decode steps (stop
+        token dropped); once exhausted, its `result` is the `ChatResult` and `messages` holds the two new turns."""
+        return Stream(self._stream(message, chunk))
+
+    def _stream(self, message: str | dict[str, Any], chunk: int) -> Iterator[list[int]]:
+        """`stream`'s chunks; its return value (`StopIteration.value`) is the `ChatResult`."""
         model, gen = self.model, self.model.generator
         cfg, c = model.config, self.prefill_chunk
         msg = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
@@ -135,7 +138,7 @@ class ChatSession:
         cache, self._cache, self._cached = self._cache, None, []  # consumed below; a failed turn starts over
         if cache is None:
             cache = gen.new_cache(1, size)
-        elif size > cache["valid"].shape[1]:
+        elif size > cache_slots(cache):
             cache = gen.grow(cache, size)
         settings = gen.settings([self.request], self.stop_token_ids)
         tokens = np.zeros((1, bucket(max_new)), np.int32)
@@ -151,7 +154,7 @@ class ChatSession:
                 rows = features[first:first + sum(1 for t in part if t == img)]
                 feats = np.pad(rows, ((0, c - len(rows)), (0, 0)))
             state = gen.extend(cache, chunk_ids, len(part), start, tokens, settings, feats)
-            cache = state["cache"]
+            cache = state.cache
         steps = gen.follow(state, [self.request], settings, chunk)
         while True:
             try:
@@ -160,7 +163,7 @@ class ChatSession:
                 rows, stopped, state = end.value
                 break
         answer = rows[0]
-        self._cache = state["cache"]
+        self._cache = state.cache
         self._cached = list(ids) + (answer if stopped[0] else answer[:-1])  # the last token sampled is not fed
         a = parse_answer(self.tokenizer, answer, "stop" if stopped[0] else "length")
         reply: dict[str, Any] = {"role": "assistant", "content": a.content}
@@ -169,8 +172,8 @@ class ChatSession:
         if a.tool_calls:
             reply["tool_calls"] = a.tool_calls
         self.messages = messages + [reply]
-        self.last_result = ChatResult(a.reasoning, a.content, len(ids), len(answer), a.finish_reason, answer,
-                                      a.tool_calls, a.error, keep)
+        return ChatResult(a.reasoning, a.content, len(ids), len(answer), a.finish_reason, answer, a.tool_calls, a.error,
+                          keep)
 
     def _image_features(self, ids: list[int], images: list[Any]) -> np.ndarray | None:
         """Features [M, D] of the conversation's images in `[IMG]` order (None without images); each image

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import Mistral4Config
-from .run_cli import positive_int
+from ..config import Mistral4Config
+from .commands import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class _Recorder:
 
 def hf_tensor_shapes(cfg: Mistral4Config, vision_cfg: Any | None) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of an HF (multimodal, on-disk names) checkpoint for these configs."""
-    from .weights import hf
+    from ..weights import hf
 
     rec = _Recorder()
     hf.read_globals(rec, cfg)  # type: ignore[arg-type]
@@ -79,7 +79,7 @@ def hf_tensor_shapes(cfg: Mistral4Config, vision_cfg: Any | None) -> dict[str, t
         hf.read_layer(rec, i, cfg)  # type: ignore[arg-type]
     shapes = {("language_model." + n if n.startswith(("model.", "lm_head.")) else n): s for n, s in rec.shapes.items()}
     if vision_cfg is not None:
-        from .weights import vision
+        from ..weights import vision
 
         vrec = _Recorder()
         vision.read_vision_params(vrec.get, ["vision_tower.ln_pre.weight"], vision_cfg)
@@ -147,7 +147,7 @@ def write_hf_checkpoint(directory: str, seed: int = 0, with_vision: bool = True)
                                  "text_config": text.to_hf_dict()}
     vision_cfg = None
     if with_vision:
-        from .model.vision_config import VisionConfig
+        from ..model.vision_config import VisionConfig
 
         hf_config.update(vision_config=DEMO_VISION, image_token_index=10, spatial_merge_size=2,
                          projector_hidden_act="gelu", multimodal_projector_bias=False, vision_feature_layer=-1)

@@ -1,0 +1,64 @@
+"""`plan.memory_plan` against parameter and cache sizes worked out here from the config fields alone
+(the HF Mistral 4 / DeepSeek-V3 module shapes) and the layout the README describes: experts over
+`expert`, heads, vocabulary and FFN width over `tensor`, the cache batch over `data`, the rest replicated."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from mistral4_jax import Mistral4Config, configs
+from mistral4_jax.plan import memory_plan
+from helpers import TINY, expected_params, make_hf_model
+
+MESH = {"data": 2, "expert": 4, "tensor": 2}
+CFG = TINY.replace(num_hidden_layers=3, first_k_dense_replace=1)  # one dense layer, two MoE layers
+
+
+def kv_bytes_per_token(c: Mistral4Config, itemsize: int) -> int:
+    return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * itemsize
+
+
+def test_weights_and_cache_per_device():
+    params, per_device = expected_params(CFG, MESH)
+    assert params == sum(w.numel() for w in make_hf_model(CFG).parameters())  # the count is transformers' too
+    p = memory_plan(CFG, MESH, jnp.bfloat16, batch=4, context=64)
+    assert (p.params, p.weight_bytes_total, p.weight_bytes_per_device) == (params, 2 * params, 2 * per_device)
+    assert (p.dtype, p.cache_dtype) == ("bfloat16", "bfloat16")
+    kv = kv_bytes_per_token(CFG, 2)
+    assert p.kv_bytes_per_token == kv
+    assert p.kv_bytes_per_device == 4 * 64 * kv // 2  # the batch split over data=2
+    assert memory_plan(CFG, MESH, jnp.bfloat16, batch=3, context=64).kv_bytes_per_device == 3 * 64 * kv  # 3 rows do not split
+    assert p.hbm_per_device is p.fits is p.max_tokens_per_device is None
+    f32 = memory_plan(CFG, MESH, jnp.float32, batch=4, context=64)
+    assert (f32.weight_bytes_per_device, f32.kv_bytes_per_token, f32.cache_dtype) == (4 * per_device, kv_bytes_per_token(CFG, 4), "float32")
+    assert memory_plan(CFG, MESH, jnp.float32, cache_dtype=jnp.bfloat16).kv_bytes_per_token == kv
+
+
+def test_fits_at_the_boundary():
+    """reserve 0.5: half of the memory is left for activations; the rest holds the weights and the cache."""
+    p = memory_plan(CFG, MESH, jnp.bfloat16, batch=4, context=64)
+    need = p.weight_bytes_per_device + p.kv_bytes_per_device
+    exact = memory_plan(CFG, MESH, jnp.bfloat16, batch=4, context=64, hbm_per_device=2 * need, reserve=0.5)
+    assert exact.fits is True and exact.max_tokens_per_device == 4 * 64  # every slot of the cache, over both data rows
+    short = memory_plan(CFG, MESH, jnp.bfloat16, batch=4, context=64, hbm_per_device=2 * need - 2, reserve=0.5)
+    assert short.fits is False and short.max_tokens_per_device == 4 * 64 - 2  # one token per data row less
+    none = memory_plan(CFG, MESH, jnp.bfloat16, hbm_per_device=p.weight_bytes_per_device, reserve=0.5)
+    assert none.fits is False and none.max_tokens_per_device == 0
+
+
+def test_real_model():
+    real = Mistral4Config.from_json(configs.resolve("mistral-small-4-119b"))
+    params, per_device = expected_params(real, {"data": 1, "expert": 8, "tensor": 2})
+    p = memory_plan(real, {"expert": 8, "tensor": 2}, jnp.bfloat16, batch=1, context=8192)
+    assert 118.5e9 < p.params == params < 119.5e9  # Mistral-Small-4-119B
+    assert p.weight_bytes_per_device == 2 * per_device
+    assert p.kv_bytes_per_token == 36 * (256 + 64) * 2
+    fp8 = memory_plan(real, {"expert": 8, "tensor": 2}, jnp.float8_e4m3fn, batch=1, context=8192)
+    assert fp8.params == params and fp8.cache_dtype == "bfloat16"  # FP8 scales are not parameters
+    assert p.weight_bytes_per_device / 2 < fp8.weight_bytes_per_device < p.weight_bytes_per_device
+
+
+def test_a_mesh_that_does_not_divide_is_refused():
+    with pytest.raises(ValueError):
+        memory_plan(CFG, {"expert": 3})  # 8 experts over 3 devices
