@@ -40,7 +40,7 @@ import ml_dtypes
 import numpy as np
 
 import mistral4_jax
-from mistral4_jax import checkpoint as ckpt
+from mistral4_jax.weights import checkpoint as ckpt
 from mistral4_jax import hf
 from mistral4_jax import model as M
 
@@ -272,7 +272,7 @@ def convert(
     resume: bool = False,
     progress: bool = True,
 ) -> str:
-    """Convert the HF or Mistral checkpoint `src` into our Orbax checkpoint `dst` (see `mistral4_jax.checkpoint`).
+    """Convert the HF or Mistral checkpoint `src` into our Orbax checkpoint `dst` (see `mistral4_jax.weights.checkpoint`).
 
     Raises ValueError / FileNotFoundError / FileExistsError with a one-line message naming the file or tensor,
     and `Interrupted` (a KeyboardInterrupt saying what was kept) on SIGINT; an interrupted conversion

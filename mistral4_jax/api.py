@@ -88,7 +88,7 @@ class Mistral4:
         self.config = config
         self.dtype = resolve_dtype(dtype)
         if mesh is not None:
-            from .sharding import param_shardings
+            from .model import param_shardings
 
             floats = M.stored_float_weights(params)
             params = jax.device_put(params, param_shardings(config, mesh, self.dtype, float_weights=floats))
@@ -398,7 +398,8 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     `model.vision_config` / `model.vision_params`, stored in `dtype` (bfloat16 when `dtype` is FP8) and
     replicated over the mesh; `text_only=True` skips them (`model.vision_config` is then None).
     """
-    from . import checkpoint, hf
+    from . import hf
+    from .weights import checkpoint
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -410,7 +411,7 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
                          f"run `mistral4-jax convert {path} DST --dtype float8_e4m3fn` first")
     config = checkpoint.read_config(path) if converted else Mistral4Config.from_json(os.path.join(path, "config.json"))
     if shardings is None and mesh is not None:
-        from .sharding import param_shardings
+        from .model import param_shardings
 
         floats = checkpoint.read_manifest(path).get("float_weights", []) if converted else []
         shardings = param_shardings(config, mesh, jdtype, float_weights=floats)
@@ -438,7 +439,8 @@ def _load_vision(path: str, converted: bool, dtype: Any) -> tuple[Any, Any]:
     no vision tower. ValueError for a vision config or vision tensors that do not fit."""
     import json
 
-    from . import checkpoint, vision
+    from . import vision
+    from .weights import checkpoint
     from .hf import fp8_block_size
     from .safetensors_io import TensorIndex
 

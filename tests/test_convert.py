@@ -22,7 +22,8 @@ import torch
 import transformers
 
 import mistral4_jax
-from mistral4_jax import checkpoint, hf, sharding
+from mistral4_jax import hf, sharding
+from mistral4_jax.weights import checkpoint
 from mistral4_jax.cli import main as cli_main
 from mistral4_jax.convert import convert
 from helpers import REPO, TINY, assert_logits_close, hf_config, make_hf_model

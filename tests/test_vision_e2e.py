@@ -25,7 +25,8 @@ import transformers
 from PIL import Image
 
 import mistral4_jax
-from mistral4_jax import batch, checkpoint, cli
+from mistral4_jax import batch, cli
+from mistral4_jax.weights import checkpoint
 from mistral4_jax.convert import convert
 from mistral4_jax.chat import Tokenizer
 from mistral4_jax.demo import write_synthetic_tekken

@@ -45,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from . import model as M
-from .config import Mistral4Config
+from .. import model as M
+from .. import vision
+from ..config import Mistral4Config
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ def vision_dtype(dtype: Any) -> Any:
 
 def vision_abstract(vcfg: Any, dtype: Any) -> dict[str, Any]:
     """The vision piece (tower + projector, layers stacked) as `jax.ShapeDtypeStruct`s for a checkpoint of `dtype`."""
-    from . import vision
-
     return vision.abstract_params(vcfg, vision_dtype(dtype))
 
 
@@ -339,8 +338,6 @@ def read_config(path: str | os.PathLike) -> Mistral4Config:
 
 def read_vision_config(path: str | os.PathLike) -> Any:
     """The `vision.VisionConfig` of a converted checkpoint, or None if it stores no vision tower."""
-    from . import vision
-
     file = os.path.join(os.fspath(path), VISION_CONFIG)
     if not os.path.isfile(file):
         return None

@@ -1,0 +1,1 @@
+"""Reading and writing weights: the Orbax checkpoint (`checkpoint`)."""
