@@ -1,4 +1,4 @@
-"""Compiled figures of the real model for TPU and GPU targets, without the hardware (`mistral4_jax.aot`).
+"""Compiled figures of the real model for TPU and GPU targets, without the hardware (`mistral4_jax.plan.compile`).
 
     python benchmarks/aot.py [--targets v5e-16,v5p-8,v6e-8,8xH200] [--cases decode_1x4096,...] [--layers N]
 
@@ -91,7 +91,7 @@ def main() -> None:
 
     code = commit()  # the code that runs is the code at the start
     with C.quiet_stdout():
-        from mistral4_jax.aot import compile_plan
+        from mistral4_jax.plan.compile import compile_plan
 
         for target in args.targets.split(","):
             record: dict = {"bench": "aot", "target": target, "mesh": MESHES.get(target), "config": args.config,

@@ -88,7 +88,8 @@ def abstract_inputs(cfg, mesh, dtype, cache_dtype, batch: int, tokens: int, cach
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from mistral4_jax.model import abstract_params, init_cache
-    from mistral4_jax.sharding import batch_spec, cache_shardings, param_shardings
+    from mistral4_jax.model import cache_shardings, param_shardings
+    from mistral4_jax.sharding import batch_spec
 
     def attach(a, s):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
@@ -153,7 +154,7 @@ def chip_share(cfg, mesh, dtype) -> tuple[float, float, float]:
     import numpy as np
 
     from mistral4_jax.model import abstract_params
-    from mistral4_jax.sharding import param_shardings
+    from mistral4_jax.model import param_shardings
 
     params, shard = abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype)
     dense_bytes = expert_bytes = weights = 0.0

@@ -5,7 +5,7 @@
     mistral4_jax.convert.convert(src, dst, dtype="bfloat16")
 
 Installed as `mistral4_jax.convert` (the `convert/` folder is mapped there by pyproject.toml); the output
-layout is documented in `mistral4_jax.checkpoint`, the reading in `source` and `lazy`, the writing in `run`.
+layout is documented in `mistral4_jax.weights.checkpoint`, the reading in `source` and `lazy`, the writing in `run`.
 """
 
 from .run import OUTPUT_DTYPES, Interrupted, convert

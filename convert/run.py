@@ -41,8 +41,9 @@ import ml_dtypes
 import numpy as np
 
 import mistral4_jax
-from mistral4_jax import checkpoint as ckpt
+from mistral4_jax.weights import checkpoint as ckpt
 from mistral4_jax import model as M
+from mistral4_jax.model.vision import vision_dtype
 from mistral4_jax.model.vision_config import VisionConfig
 from mistral4_jax.weights import hf
 from mistral4_jax.weights.vision import read_vision_params
@@ -275,7 +276,7 @@ def convert(
     resume: bool = False,
     progress: bool = True,
 ) -> str:
-    """Convert the HF or Mistral checkpoint `src` into our Orbax checkpoint `dst` (see `mistral4_jax.checkpoint`).
+    """Convert the HF or Mistral checkpoint `src` into our Orbax checkpoint `dst` (see `mistral4_jax.weights.checkpoint`).
 
     Raises ValueError / FileNotFoundError / FileExistsError with a one-line message naming the file or tensor,
     and `Interrupted` (a KeyboardInterrupt saying what was kept) on SIGINT; an interrupted conversion
@@ -325,7 +326,7 @@ def _convert(src: str | os.PathLike, dst: str, dtype: str, text_only: bool, over
         }
         if vcfg is not None:
             v_tensors, v_params = ckpt.count(ckpt.vision_abstract(vcfg, dtype))
-            out["vision"] = {"dtype": ckpt.vision_dtype(dtype).name, "layers": vcfg.num_hidden_layers,
+            out["vision"] = {"dtype": vision_dtype(dtype).name, "layers": vcfg.num_hidden_layers,
                              "tensors": v_tensors, "parameters": v_params, "source_tensors": len(vision)}
         return out
 

@@ -20,7 +20,7 @@ from .serve.chat.session import ChatResult, ChatSession
 from .serve.generate import Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
 from .serve.sampling import SamplingParams
-from .sharding import param_shardings
+from .model import param_shardings
 
 log = logging.getLogger(__name__)
 

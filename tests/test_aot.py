@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU without a TPU (`mistral4_jax.aot`, libtpu from the `tpu-aot` extra that
+"""Ahead-of-time compilation for TPU without a TPU (`mistral4_jax.plan.compile`, libtpu from the `tpu-aot` extra that
 `test` pulls in): the real model's dimensions at reduced depth, compiled for a v5e 2x2 slice."""
 
 import importlib.metadata
@@ -9,9 +9,10 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from mistral4_jax import Mistral4Config, aot
+from mistral4_jax import Mistral4Config
+from mistral4_jax.plan import compile as aot
 from mistral4_jax.cli import main
-from mistral4_jax.plan import decode_reads, memory_plan
+from mistral4_jax.plan.memory import decode_reads, memory_plan
 
 REAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mistral-small-4-119b.json")
 TARGET, MESH, LAYERS, CONTEXT = "v5e:2x2", {"expert": 4}, 2, 262_144

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import mistral4_jax
-from mistral4_jax import checkpoint, sharding
+from mistral4_jax import sharding
+from mistral4_jax.weights import checkpoint
 from mistral4_jax.convert import convert
 from helpers import TINY, make_hf_model, save_hf
 
@@ -92,5 +93,5 @@ def test_load_onto_mesh_uses_the_rules_table(ckpts):
     tested in test_sharding.py)."""
     m = sharding.make_mesh("data=1,expert=2,tensor=2", jax.devices()[:4])
     model = mistral4_jax.load(ckpts["float8_e4m3fn"], dtype="float8_e4m3fn", mesh=m)
-    targets = sharding.param_shardings(CFG, m, jax.numpy.float8_e4m3fn)
+    targets = mistral4_jax.model.param_shardings(CFG, m, jax.numpy.float8_e4m3fn)
     _check(model.params, checkpoint.restore_params(ckpts["float8_e4m3fn"])[1], targets)

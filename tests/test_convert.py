@@ -24,8 +24,8 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 import mistral4_jax
-from mistral4_jax import checkpoint, sharding
-from mistral4_jax.weights import hf
+from mistral4_jax import sharding
+from mistral4_jax.weights import checkpoint, hf
 from mistral4_jax.cli import main as cli_main
 from mistral4_jax.convert import convert
 from helpers import REPO, TINY, assert_logits_close, hf_config, make_hf_model

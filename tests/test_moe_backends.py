@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import mistral4_jax
-from mistral4_jax import Mistral4, checkpoint, sharding
-from mistral4_jax.weights import hf
+from mistral4_jax import Mistral4, sharding
+from mistral4_jax.weights import checkpoint, hf
 from mistral4_jax.convert import convert
 from mistral4_jax.model import resolve_moe_backend, routed_experts
 from mistral4_jax.sharding import make_mesh
@@ -134,7 +134,7 @@ def test_ragged_backend_matches_transformers_and_loop(reference):
 def test_ragged_backend_expert_parallel_matches_transformers(reference, monkeypatch):
     """expert=4 x tensor=2: prefill grouped matmuls of 0.3x a shard's even share of the copies (the chunk
     loop runs several times under shard_map); decode of one prompt: 2 copies <= 2 experts per shard."""
-    monkeypatch.setattr(sharding, "EXPERT_ROWS_SLACK", 0.3)
+    monkeypatch.setattr(mistral4_jax.model.moe, "EXPERT_ROWS_SLACK", 0.3)
     model = Mistral4(CFG, reference["params"], mesh=make_mesh("data=1,expert=4,tensor=2"), moe_backend="ragged")
     _check_model(model, reference, prompts=1)
 

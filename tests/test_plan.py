@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from mistral4_jax import Mistral4Config, configs
-from mistral4_jax.plan import memory_plan
+from mistral4_jax.plan.memory import memory_plan
 from helpers import TINY, expected_params, make_hf_model
 
 MESH = {"data": 2, "expert": 4, "tensor": 2}

@@ -25,8 +25,9 @@ import transformers
 from PIL import Image
 
 import mistral4_jax
-from mistral4_jax import checkpoint, cli
+from mistral4_jax import cli
 from mistral4_jax.serve import batch
+from mistral4_jax.weights import checkpoint
 from mistral4_jax.convert import convert
 from mistral4_jax.serve.chat import Tokenizer
 from mistral4_jax.cli.demo import write_synthetic_tekken

@@ -59,7 +59,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .. import checkpoint
+    from ..weights import checkpoint
 
     manifest, arrays = checkpoint.describe(args.path)
     src = manifest["source"]

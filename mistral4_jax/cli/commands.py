@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from ..api import DTYPES
-from ..plan import parse_bytes
+from ..plan.memory import parse_bytes
 from ..serve.sampling import SamplingParams
 from ..serve.chat import REASONING_EFFORTS
 
@@ -99,7 +99,7 @@ def init_distributed(args: argparse.Namespace) -> None:
 
 def load_model(args: argparse.Namespace) -> Any:
     import mistral4_jax
-    from mistral4_jax import checkpoint
+    from mistral4_jax.weights import checkpoint
     from mistral4_jax.sharding import make_mesh
 
     init_distributed(args)
@@ -153,14 +153,14 @@ def add_plan(sub: Any, subcommand: Any) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     from mistral4_jax import Mistral4Config, configs
     from mistral4_jax.api import resolve_dtype
-    from mistral4_jax.plan import format_plan, memory_plan
+    from mistral4_jax.plan.memory import format_plan, memory_plan
     from mistral4_jax.sharding import parse_mesh
 
     if args.compile:
         return _run_compile(args)
     path = configs.resolve(args.config)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
-        from mistral4_jax import checkpoint
+        from mistral4_jax.weights import checkpoint
 
         cfg = checkpoint.read_config(path)
     else:
@@ -174,7 +174,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def _run_compile(args: argparse.Namespace) -> int:
     from mistral4_jax import configs
-    from mistral4_jax.aot import compile_plan, format_compiled
+    from mistral4_jax.plan.compile import compile_plan, format_compiled
 
     plan = compile_plan(configs.resolve(args.config), args.compile, mesh=args.mesh, dtype=args.dtype,
                         compute_dtype=args.compute_dtype,

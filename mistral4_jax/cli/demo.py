@@ -213,7 +213,7 @@ def run(workdir: str = DEFAULT_WORKDIR, max_new_tokens: int = 24) -> int:
     import mistral4_jax
     from mistral4_jax import configs
     from mistral4_jax.convert import convert
-    from mistral4_jax.plan import ACCELERATORS, format_plan, memory_plan
+    from mistral4_jax.plan.memory import ACCELERATORS, format_plan, memory_plan
 
     t_all = time.perf_counter()
     prepare_workdir(workdir)

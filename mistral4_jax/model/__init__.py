@@ -1,16 +1,19 @@
-"""The model: the text decoder and the Pixtral vision tower (`model.vision`, `model.vision_config`).
+"""The text decoder: rope, MoE kernels, layers, the parameter tree, the latent cache, the forward pass.
 
-Bridge for branch i12-vision only (replaced by i12-params' `model/__init__.py` at the merge): main's text
-decoder is still the module file `mistral4_jax/model.py`, which this package shadows; it is loaded here and
-takes this package's place in `sys.modules`, keeping this package's `__path__` for its submodules.
+Import order matters for `..vision` (which uses `rope.apply_rope`): rope first, the decoder last.
 """
 
-import importlib.util
-import os
-import sys
+from .rope import apply_rope, llama4_query_scale, rope_cos_sin, rope_inv_freq
+from .moe import EXPERT_CHUNK_ROWS, MOE_BACKENDS, resolve_moe_backend, route, routed_experts, sharded_routed_experts
+from .layers import FP8_WEIGHTS, fp8_scale_shape, is_fp8
+from .params import (abstract_params, init_params, layer_groups, param_axes, param_shardings, stored_float_weights,
+                     unstack_layers)
+from .cache import CACHE_AXES, cache_shardings, init_cache
+from .decoder import forward
 
-_spec = importlib.util.spec_from_file_location(__name__, os.path.join(os.path.dirname(__path__[0]), "model.py"))
-_module = importlib.util.module_from_spec(_spec)
-_module.__path__ = __path__
-sys.modules[__name__] = _module
-_spec.loader.exec_module(_module)
+__all__ = [
+    "CACHE_AXES", "EXPERT_CHUNK_ROWS", "FP8_WEIGHTS", "MOE_BACKENDS", "abstract_params", "apply_rope",
+    "cache_shardings", "forward", "fp8_scale_shape", "init_cache", "init_params", "is_fp8",
+    "layer_groups", "llama4_query_scale", "param_axes", "param_shardings", "resolve_moe_backend", "rope_cos_sin",
+    "rope_inv_freq", "route", "routed_experts", "sharded_routed_experts", "stored_float_weights", "unstack_layers",
+]

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral4_jax.model import RMSNorm, apply_rope, is_fp8
+from .layers import RMSNorm, is_fp8
+from .rope import apply_rope
 
 from ..activations import ACTIVATIONS
 from .vision_config import VisionConfig

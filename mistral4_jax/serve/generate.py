@@ -268,7 +268,7 @@ class Generator:
         """An empty cache [batch, length slots] in the cache dtype, placed on the model's mesh if any."""
         cache = M.init_cache(self.model.config, batch, length, self.cache_dtype)
         if self.model.mesh is not None:
-            from ..sharding import cache_shardings
+            from ..model import cache_shardings
 
             cache = jax.device_put(cache, cache_shardings(self.model.mesh, cache))
         return cache

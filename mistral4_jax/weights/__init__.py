@@ -1,1 +1,2 @@
-"""Reading and writing weights: safetensors, HF and native names, the vision weights, the loader."""
+"""Reading and writing weights: safetensors (`safetensors`), HF and native names (`hf`, `vision`), the Orbax
+checkpoint (`checkpoint`), the loader (`load`)."""

@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checkpoint
+from . import checkpoint
 from .. import model as M
 from ..api import Mistral4, default_compute_dtype, resolve_dtype
 from ..serve.chat import Tokenizer
 from ..config import Mistral4Config
 from ..model.vision import vision_dtype
 from ..model.vision_config import VisionConfig
-from ..sharding import param_shardings
+from ..model import param_shardings
 from .hf import HFReader, fp8_block_size, is_vision_name, read_params
 from .safetensors import TensorIndex
 from .vision import read_vision_params

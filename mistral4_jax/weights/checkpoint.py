@@ -45,8 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from . import model as M
-from .config import Mistral4Config
+from .. import model as M
+from ..model import vision
+from ..model.vision import vision_dtype
+from ..config import Mistral4Config
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,9 @@ def pieces(cfg: Mistral4Config, vcfg: Any = None) -> list[str]:
     return [GLOBALS] + ([VISION] if vcfg else []) + [f"{name}/{j}" for name, n, _ in M.layer_groups(cfg) for j in range(n)]
 
 
-def vision_dtype(dtype: Any) -> Any:
-    """Storage dtype of the vision arrays for a checkpoint of `dtype`: bfloat16 for FP8, else `dtype`."""
-    return jnp.dtype(jnp.bfloat16) if M.is_fp8(dtype) else jnp.dtype(dtype)
-
-
 def vision_abstract(vcfg: Any, dtype: Any) -> dict[str, Any]:
     """The vision piece (tower + projector, layers stacked) as `jax.ShapeDtypeStruct`s for a checkpoint of `dtype`."""
-    from .model import vision
+    from ..model import vision
 
     return vision.abstract_params(vcfg, vision_dtype(dtype))
 
@@ -339,7 +336,7 @@ def read_config(path: str | os.PathLike) -> Mistral4Config:
 
 def read_vision_config(path: str | os.PathLike) -> Any:
     """The `vision.VisionConfig` of a converted checkpoint, or None if it stores no vision tower."""
-    from .model import vision
+    from ..model import vision
 
     file = os.path.join(os.fspath(path), VISION_CONFIG)
     if not os.path.isfile(file):

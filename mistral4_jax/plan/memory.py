@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Mistral4Config
-from .model import abstract_params, layer_groups, param_axes
-from .sharding import MESH_AXES, RULES, check_divisible
+from ..config import Mistral4Config
+from ..model import abstract_params, layer_groups, param_axes
+from ..sharding import MESH_AXES, RULES, check_divisible
 
 GiB = 1024**3
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,

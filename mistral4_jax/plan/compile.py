@@ -53,11 +53,12 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import model as M
-from .api import resolve_dtype
-from .config import Mistral4Config
-from .plan import GiB, decode_reads, memory_plan
-from .sharding import MESH_AXES, batch_spec, cache_shardings, make_mesh, param_shardings, parse_mesh
+from .. import model as M
+from ..api import resolve_dtype
+from ..config import Mistral4Config
+from ..model import cache_shardings, param_shardings
+from ..sharding import MESH_AXES, batch_spec, make_mesh, parse_mesh
+from .memory import GiB, decode_reads, memory_plan
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,113 @@
+"""The text decoder's forward pass: embed, the stacked layer groups under `lax.scan`, final norm, lm_head.
+
+Einsum letters: B batch, T query tokens, S key positions, D hidden, N heads, Q q_lora rank,
+L kv_lora rank (the latent), P nope dims, R rope dims, H = P + R, V value dims, E experts, K top-k,
+F expert hidden, I dense hidden, X vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ..config import Mistral4Config
+from ..sharding import batch_spec
+from .vision import scatter_image_features
+from .layers import DecoderLayer, RMSNorm
+from .moe import resolve_moe_backend
+from .params import layer_groups
+from .rope import llama4_query_scale, rope_cos_sin
+
+Array = jax.Array
+
+
+def forward(
+    params: dict[str, Any],
+    cfg: Mistral4Config,
+    input_ids: Array,
+    positions: Array,
+    key_valid: Array,
+    *,
+    cache: dict[str, Any] | None = None,
+    index: Array | int = 0,
+    decode: bool = False,
+    last_only: bool = False,
+    logits_at: Array | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    mesh: Any = None,
+    image_features: Array | None = None,
+    image_token_index: int = 10,
+    moe_backend: str = "auto",
+) -> tuple[Array, Array | None, dict[str, Any] | None]:
+    """The decoder: embed, layer groups, final norm, lm_head.
+
+    input_ids, positions [B, T] int; key_valid [B, T] bool (False = padding).
+    Without `decode` the T tokens attend among themselves (prefill); if `cache` is given they are also
+    written into it at slot `index`. With `decode` they are written at `index` and attend over the
+    whole cache (absorbed MLA), causally: token t sees the valid slots up to `index + t`. That serves a
+    decode step (T = 1) and equally a chunk of prompt continuing a cached prefix (T > 1: the prefix,
+    then the chunk itself; a chat turn prefilled after the conversation so far). Layer groups stored stacked run under `lax.scan`; stored as lists
+    (see `unstack_layers`) they run as an unrolled loop.
+    `image_features` [M, D] (prefill only): rows replace, in order, the embeddings of the tokens equal to
+    `image_token_index` (`[IMG]`), batch row by batch row, as HF's `masked_scatter`; rows past the number
+    of `[IMG]` tokens are ignored (so M may be padded to a bucket). None: the text-only path.
+    `last_only`: logits of the last token only; `logits_at` [B] int: of token `logits_at[b]` of each row
+    only (the last real token of a right-padded chunk). Both give logits [B, 1, X].
+    `moe_backend`: the routed experts' kernel (`resolve_moe_backend`: "auto" = "loop" on CPU, "ragged"
+    on TPU/GPU).
+    Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
+    """
+    embed = params["embed"]
+    h = jnp.take(embed, input_ids, axis=0).astype(dtype)
+    if image_features is not None:
+        h = scatter_image_features(h, input_ids, image_features, image_token_index)
+    if mesh is not None:
+        h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(mesh, batch_spec(mesh, h.shape[0], 3)))
+    seq_len = jnp.max(jnp.where(key_valid, positions, 0), axis=-1) + 1  # [B] (dynamic and longrope rope)
+    cos, sin = rope_cos_sin(cfg, positions, seq_len)
+    qscale = llama4_query_scale(cfg, positions)
+    t = input_ids.shape[1]
+    if cache is not None:
+        cache = dict(cache)
+        cache["valid"] = jax.lax.dynamic_update_slice_in_dim(cache["valid"], key_valid, index, axis=1)
+    if decode:
+        s = cache["valid"].shape[1]
+        slot_ok = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+        mask = cache["valid"][:, None, :] & slot_ok[None]
+    else:
+        mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
+    expert_ids = None
+    moe_backend = resolve_moe_backend(moe_backend, mesh)
+    for name, _, moe in layer_groups(cfg):
+        layer = DecoderLayer(cfg, dtype, param_dtype, mesh, moe=moe, moe_backend=moe_backend)
+        group_cache = None if cache is None else cache[name]
+
+        def body(h, xs, layer=layer):
+            p, lc = xs
+            h, (ids, lc) = layer.apply({"params": p}, h, cos, sin, qscale, mask, lc, index, decode)
+            return h, (ids, lc)
+
+        if isinstance(params[name], list):
+            outs = []
+            for i, p in enumerate(params[name]):
+                lc = None if group_cache is None else (group_cache[0][i], group_cache[1][i])
+                h, out = body(h, (p, lc))
+                outs.append(out)
+            ids = None if not moe else jnp.stack([o[0] for o in outs])
+            new_cache = None if group_cache is None else tuple(jnp.stack([o[1][j] for o in outs]) for j in range(2))
+        else:
+            h, (ids, new_cache) = jax.lax.scan(body, h, (params[name], group_cache))
+        if cache is not None:
+            cache[name] = new_cache
+        expert_ids = ids if moe else expert_ids
+    if last_only:
+        h = h[:, -1:]
+    elif logits_at is not None:
+        h = jnp.take_along_axis(h, logits_at.astype(jnp.int32)[:, None, None], axis=1)
+    h = RMSNorm(cfg, dtype, param_dtype, None, cfg.rms_norm_eps).apply({"params": params["final_norm"]}, h)
+    head = embed if cfg.tie_word_embeddings else params["lm_head"]  # [X, D]: XLA:CPU's small-batch matmul is
+    # faster against this (HF's) layout than against [D, X]
+    return jnp.einsum("btd,xd->btx", h, head.astype(dtype)).astype(jnp.float32), expert_ids, cache

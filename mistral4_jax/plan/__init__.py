@@ -1,0 +1,1 @@
+"""Planning a deployment without the hardware: memory per device (`memory`), compiled figures (`compile`)."""
