@@ -182,7 +182,7 @@ class Mistral4:
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
         """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code)."""
         return M.forward(params, self.config, input_ids, positions, key_valid, dtype=self.compute_dtype,
-                         param_dtype=self.dtype, mesh=self.mesh, moe_backend=self.moe_backend, **kwargs)
+                         mesh=self.mesh, moe_backend=self.moe_backend, **kwargs)
 
     def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False,
                       image_features: jax.Array | None = None):
