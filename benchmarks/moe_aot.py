@@ -166,7 +166,7 @@ def chip_share(cfg, mesh, dtype) -> tuple[float, float, float]:
             continue
         else:
             dense_bytes += per_chip
-            if a.ndim >= 3 and not key.endswith("_scale']"):  # stacked matrices [layers, ...]
+            if a.ndim >= 3 and not key.endswith(".scale"):  # stacked matrices [layers, ...], not QuantArray scales
                 weights += a.size / div
     return dense_bytes, expert_bytes, weights
 

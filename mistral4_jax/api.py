@@ -90,7 +90,7 @@ class Mistral4:
         if mesh is not None:
             from .model import param_shardings
 
-            floats = M.stored_float_weights(params)
+            floats = M.stored_float_weights(config, params)
             params = jax.device_put(params, param_shardings(config, mesh, self.dtype, float_weights=floats))
         self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)

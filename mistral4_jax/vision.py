@@ -48,6 +48,7 @@ import numpy as np
 
 from .activations import ACTIVATIONS, check_activation
 from .model import apply_rope
+from .weights.quant import FP8_DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -844,7 +845,7 @@ def tensor_getter(index: Any, where: str, fp8_block: tuple[int, int] = (128, 128
         if actual != tuple(shape):
             raise ValueError(f"{where}: tensor {name!r} has shape {actual}, expected {tuple(shape)}")
         dt = np.dtype(index.dtype(name))
-        if dt.name in ("float8_e4m3fn", "float8_e5m2"):
+        if dt.name in FP8_DTYPE_NAMES:
             base = name[: -len(".weight")] if name.endswith(".weight") else name
             for cand in (name + "_scale_inv", base + ".weight_scale_inv", base + ".qscale_weight"):
                 if cand in index:

@@ -1,8 +1,9 @@
 """The text decoder's layers as pure functions of their parameters (`params.param_specs` declares them):
 RMSNorm, gated MLP, multi-head latent attention, MoE and the decoder layer that combines them.
 
-`p` is the layer's (or block's) parameter dict as stored; `dtype` is the compute dtype: weights are cast to
-it (FP8 dequantised) where they are read, so on CPU compute runs in float32 whatever the storage dtype.
+`p` is the layer's (or block's) parameter dict as stored (FP8 weights as `QuantArray`s); `dtype` is the compute
+dtype: weights are cast to it (dequantised, `qeinsum`) where they are read, so on CPU compute runs in float32
+whatever the storage dtype.
 
 Einsum letters: B batch, T query tokens, S key positions, D hidden, N heads, Q q_lora rank,
 L kv_lora rank (the latent), P nope dims, R rope dims, H = P + R, V value dims, E experts, K top-k,
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from ..activations import ACTIVATIONS
 from ..config import Mistral4Config
+from ..weights.quant import dequantize, qeinsum
 from .moe import route, routed_experts, sharded_routed_experts
 from .rope import apply_rope
 
@@ -26,29 +28,17 @@ Params = dict[str, Any]
 _NEG_INF = -1e30
 
 
-def stored(p: Params, name: str) -> tuple[Array, Array | None]:
-    """Weight `name` of p as stored, with its FP8 scale (float32, `<name>_scale`) or None."""
-    return p[name], p.get(name + "_scale")
-
-
-def weight(p: Params, name: str, dtype: Any) -> Array:
-    """Weight `name` of p in the compute dtype (FP8 dequantised: float(w) * scale)."""
-    w, scale = stored(p, name)
-    w = w.astype(dtype)
-    return w if scale is None else w * scale.astype(dtype)
-
-
 def rms_norm(p: Params, x: Array, eps: float, dtype: Any) -> Array:
     """x * rsqrt(mean(x^2) + eps) in float32, cast to `dtype`, times p["scale"]; x [..., C]."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight(p, "scale", dtype) * y.astype(dtype)
+    return p["scale"].astype(dtype) * y.astype(dtype)
 
 
-def mlp(p: Params, x: Array, cfg: Mistral4Config, dtype: Any) -> Array:
-    """Gated MLP: down(act(gate x) * up x) with act = `cfg.hidden_act`; x [..., D] -> [..., D]."""
-    gate, up, down = (weight(p, n, dtype) for n in ("gate_proj", "up_proj", "down_proj"))
-    return (ACTIVATIONS[cfg.hidden_act](x @ gate) * (x @ up)) @ down
+def mlp(p: Params, x: Array, cfg: Mistral4Config) -> Array:
+    """Gated MLP: down(act(gate x) * up x) with act = `cfg.hidden_act`; x [..., D] -> [..., D] (x's dtype)."""
+    h = ACTIVATIONS[cfg.hidden_act](qeinsum("...d,di->...i", x, p["gate_proj"])) * qeinsum("...d,di->...i", x, p["up_proj"])
+    return qeinsum("...i,id->...d", h, p["down_proj"])
 
 
 def _attend(scores: Array, scale: Array, mask: Array, dtype: Any) -> Array:
@@ -70,18 +60,17 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array,
     """
     c = cfg
     p_dims, lat = c.qk_nope_head_dim, c.kv_lora_rank
-    w = lambda name: weight(p, name, dtype)  # noqa: E731
     if c.q_lora_rank:
-        q = rms_norm(p["q_a_norm"], x @ w("q_a_proj"), 1e-6, dtype)
-        q = jnp.einsum("btq,qnh->btnh", q, w("q_b_proj"))
+        q = rms_norm(p["q_a_norm"], qeinsum("btd,dq->btq", x, p["q_a_proj"]), 1e-6, dtype)
+        q = qeinsum("btq,qnh->btnh", q, p["q_b_proj"])
     else:
-        q = jnp.einsum("btd,dnh->btnh", x, w("q_proj"))
+        q = qeinsum("btd,dnh->btnh", x, p["q_proj"])
     q_nope = q[..., :p_dims]
     q_rope = apply_rope(q[..., p_dims:], cos[:, :, None], sin[:, :, None], c.rope_interleave)  # [B, T, N, R]
-    kv = x @ w("kv_a_proj")
+    kv = qeinsum("btd,dc->btc", x, p["kv_a_proj"])  # [B, T, L + R]
     latent = rms_norm(p["kv_a_norm"], kv[..., :lat], 1e-6, dtype)  # [B, T, L]
     k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, T, R]
-    k_b, v_b = w("k_b_proj"), w("v_b_proj")  # [L, N, P], [L, N, V]
+    k_b, v_b = dequantize(p["k_b_proj"], dtype), dequantize(p["v_b_proj"], dtype)  # [L, N, P], [L, N, V]
     scale = qscale[:, None, :, None] * c.softmax_scale
     if cache is not None:
         cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], latent.astype(cache[0].dtype), index, axis=1),
@@ -98,24 +87,24 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array,
         values = jnp.einsum("bsl,lnv->bsnv", latent, v_b)
         scores = jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope)
         out = jnp.einsum("bnts,bsnv->btnv", _attend(scores, scale, mask, dtype), values)
-    return jnp.einsum("btnv,nvd->btd", out, w("o_proj")), cache
+    return qeinsum("btnv,nvd->btd", out, p["o_proj"]), cache
 
 
-def moe(p: Params, x: Array, cfg: Mistral4Config, dtype: Any, mesh: Any = None,
+def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
         backend: str = "loop") -> tuple[Array, Array]:
-    """Routed experts (fused [E, ...] arrays) plus the shared expert; x [B, T, D] -> ([B, T, D], ids [B, T, K]).
+    """Routed experts (fused [E, ...] arrays) plus the shared expert; x [B, T, D] -> ([B, T, D], ids [B, T, K])
+    in x's dtype.
     `backend`: the routed experts' kernel, "loop" or "ragged" (`routed_experts`); with a `mesh` they run
     expert-parallel (`sharded_routed_experts`)."""
     b, t, d = x.shape
-    weights, ids = route((x @ weight(p, "router", dtype)).reshape(b * t, -1), cfg)
-    (gate, gs), (up, us), (down, ds) = (stored(p, n) for n in ("experts_gate", "experts_up", "experts_down"))
-    scales = None if gs is us is ds is None else (gs, us, ds)
+    weights, ids = route(qeinsum("btd,de->bte", x, p["router"]).reshape(b * t, -1), cfg)
+    experts = (x.reshape(b * t, d), ids, weights, p["experts_gate"], p["experts_up"], p["experts_down"])
     act = ACTIVATIONS[cfg.hidden_act]
     if mesh is not None:
-        y = sharded_routed_experts(mesh, x.reshape(b * t, d), ids, weights, gate, up, down, scales, act, backend=backend)
+        y = sharded_routed_experts(mesh, *experts, act=act, backend=backend)
     else:
-        y = routed_experts(x.reshape(b * t, d), ids, weights, gate, up, down, scales=scales, act=act, backend=backend)
-    y = y.reshape(b, t, d) + mlp(p["shared_expert"], x, cfg, dtype)
+        y = routed_experts(*experts, act=act, backend=backend)
+    y = y.reshape(b, t, d) + mlp(p["shared_expert"], x, cfg)
     return y, ids.reshape(b, t, -1)
 
 
@@ -129,7 +118,7 @@ def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, ma
     h = h + a
     x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps, dtype)
     if "moe" in p:
-        y, ids = moe(p["moe"], x, cfg, dtype, mesh, moe_backend)
+        y, ids = moe(p["moe"], x, cfg, mesh, moe_backend)
     else:
-        y, ids = mlp(p["mlp"], x, cfg, dtype), None
+        y, ids = mlp(p["mlp"], x, cfg), None
     return h + y, (ids, cache)

@@ -4,8 +4,8 @@ a `ParamSpec` in `param_specs`; abstract shapes, logical axes, shardings and ran
 Tree (D hidden, X vocabulary; the layers' shapes in `_layer`): embed [X, D], final_norm {scale [D]},
 lm_head [X, D] (absent with tied embeddings), and per layer group ("layers_dense", "layers_moe") the layer's
 tree stacked on a leading [layers] axis: input_norm, attn, post_attn_norm, then mlp (dense) or moe.
-With an FP8 `param_dtype` the weights of `FP8_WEIGHTS` are float8_e4m3fn with a float32 `<name>_scale`
-beside them (per expert [E, 1, 1], else [1, ...]); everything else is bfloat16.
+With a quantised `param_dtype` (float8_e4m3fn) the linear weights (`_weights`) are `QuantArray`s (values and a
+float32 scale, per expert [E, 1, 1] or per tensor [1, ...]); everything else is bfloat16.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ..config import Mistral4Config
 from ..sharding import RULES, check_divisible, spec_for
+from ..weights.quant import QUANT_DTYPES, QuantArray, is_quant, is_quantized, scale_shape
 
 Array = jax.Array
 
@@ -36,29 +37,35 @@ def ones_init(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """One parameter: its shape, storage dtype, logical axis names (one per dimension, None = never
-    sharded) and initializer (key, shape, dtype) -> array."""
+    sharded) and initializer (key, shape, dtype) -> array. `scale`: for a quantised weight (a `QuantArray`
+    of `dtype` values), the shape of its float32 scale (initialised to ones; sharded like the weight on
+    the dimensions it keeps); None for a plain array."""
 
     shape: tuple[int, ...]
     dtype: Any
     axes: tuple[str | None, ...]
     init: Callable[[Array, tuple[int, ...], Any], Array] = normal_init
+    scale: tuple[int, ...] | None = None
 
+    def abstract(self) -> Any:
+        """`jax.ShapeDtypeStruct` (a `QuantArray` of two for a quantised weight)."""
+        values = jax.ShapeDtypeStruct(self.shape, jnp.dtype(self.dtype))
+        return values if self.scale is None else QuantArray(values, jax.ShapeDtypeStruct(self.scale, jnp.dtype(jnp.float32)))
 
-FP8_WEIGHTS = frozenset({
-    "q_a_proj", "q_b_proj", "q_proj", "kv_a_proj", "k_b_proj", "v_b_proj", "o_proj",
-    "gate_proj", "up_proj", "down_proj", "experts_gate", "experts_up", "experts_down",
-})
-"""Weights stored as float8_e4m3fn when `param_dtype` is FP8 (norms, router, embedding, lm_head stay float),
-except those a checkpoint lists in its `float_weights` (see `init_params`)."""
+    def logical_axes(self) -> Any:
+        """The axes (a `QuantArray` of the weight's and the scale's for a quantised weight)."""
+        if self.scale is None:
+            return self.axes
+        return QuantArray(self.axes, tuple(a if n > 1 else None for a, n in zip(self.axes, self.scale)))
 
+    def initialize(self, key: Array) -> Any:
+        values = self.init(key, self.shape, self.dtype)
+        return values if self.scale is None else QuantArray(values, jnp.ones(self.scale, jnp.float32))
 
-def fp8_scale_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the float32 scale stored beside FP8 weight `name`: per expert [E, 1, 1] or per tensor [1, ...]."""
-    return (shape[0],) + (1,) * (len(shape) - 1) if name.startswith("experts_") else (1,) * len(shape)
-
-
-def is_fp8(dtype: Any) -> bool:
-    return jnp.dtype(dtype) == jnp.float8_e4m3fn
+    def stacked(self, n: int) -> ParamSpec:
+        """This parameter for n stacked layers: a leading [layers] dimension."""
+        scale = None if self.scale is None else (n, *self.scale)
+        return dataclasses.replace(self, shape=(n, *self.shape), axes=("layers", *self.axes), scale=scale)
 
 
 def _is_spec(x: Any) -> bool:
@@ -66,24 +73,23 @@ def _is_spec(x: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------- declarations
+def _float(param_dtype: Any) -> Any:
+    """Storage dtype of the parameters that are never quantised: bfloat16 beside quantised weights."""
+    return jnp.bfloat16 if is_quantized(param_dtype) else param_dtype
+
+
 def _weights(param_dtype: Any, **decl: tuple[tuple[int, ...], tuple[str, ...]]) -> dict[str, ParamSpec]:
-    """Specs of the named weights, each (shape, axes): normal-initialised in `param_dtype`; with FP8 those of
-    `FP8_WEIGHTS` get a float32 `<name>_scale` of ones, the others are bfloat16."""
-    fp8 = is_fp8(param_dtype)
-    out = {}
-    for name, (shape, axes) in decl.items():
-        if fp8 and name in FP8_WEIGHTS:
-            scale = fp8_scale_shape(name, shape)
-            out[name] = ParamSpec(shape, param_dtype, axes)
-            out[name + "_scale"] = ParamSpec(scale, jnp.float32, tuple(a if n > 1 else None for a, n in zip(axes, scale)),
-                                             ones_init)
-        else:
-            out[name] = ParamSpec(shape, jnp.bfloat16 if fp8 else param_dtype, axes)
-    return out
+    """Specs of the named linear weights, each (shape, axes), normal-initialised: `QuantArray`s with a quantised
+    `param_dtype` (scale per expert [E, 1, 1] for the stacked experts, whose first axis is "experts", else per
+    tensor [1, ...]), else plain arrays of `param_dtype`."""
+    if not is_quantized(param_dtype):
+        return {name: ParamSpec(shape, param_dtype, axes) for name, (shape, axes) in decl.items()}
+    return {name: ParamSpec(shape, param_dtype, axes, scale=scale_shape(shape, per_expert=axes[0] == "experts"))
+            for name, (shape, axes) in decl.items()}
 
 
 def _norm(param_dtype: Any, axis: str, n: int) -> dict[str, ParamSpec]:
-    return {"scale": ParamSpec((n,), jnp.bfloat16 if is_fp8(param_dtype) else param_dtype, (axis,), ones_init)}
+    return {"scale": ParamSpec((n,), _float(param_dtype), (axis,), ones_init)}
 
 
 def _mlp(param_dtype: Any, d: int, width: int) -> dict[str, ParamSpec]:
@@ -99,19 +105,22 @@ def _layer(cfg: Mistral4Config, param_dtype: Any, moe: bool) -> dict[str, Any]:
     c, pd = cfg, param_dtype
     d, n, p, r, v, lat = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
     if c.q_lora_rank:
-        q = {**_weights(pd, q_a_proj=((d, c.q_lora_rank), ("embed", "q_lora"))), "q_a_norm": _norm(pd, "q_lora", c.q_lora_rank),
-             **_weights(pd, q_b_proj=((c.q_lora_rank, n, p + r), ("q_lora", "heads", "qk_dim")))}
+        attn = _weights(pd, q_a_proj=((d, c.q_lora_rank), ("embed", "q_lora")),
+                        q_b_proj=((c.q_lora_rank, n, p + r), ("q_lora", "heads", "qk_dim")))
+        attn["q_a_norm"] = _norm(pd, "q_lora", c.q_lora_rank)
     else:
-        q = _weights(pd, q_proj=((d, n, p + r), ("embed", "heads", "qk_dim")))
-    attn = {**q, **_weights(pd, kv_a_proj=((d, lat + r), ("embed", "kv_lora_rope"))), "kv_a_norm": _norm(pd, "kv_lora", lat),
-            **_weights(pd, k_b_proj=((lat, n, p), ("kv_lora", "heads", "qk_nope_dim")),
-                       v_b_proj=((lat, n, v), ("kv_lora", "heads", "v_dim")), o_proj=((n, v, d), ("heads", "v_dim", "embed")))}
+        attn = _weights(pd, q_proj=((d, n, p + r), ("embed", "heads", "qk_dim")))
+    attn |= _weights(pd, kv_a_proj=((d, lat + r), ("embed", "kv_lora_rope")),
+                     k_b_proj=((lat, n, p), ("kv_lora", "heads", "qk_nope_dim")),
+                     v_b_proj=((lat, n, v), ("kv_lora", "heads", "v_dim")),
+                     o_proj=((n, v, d), ("heads", "v_dim", "embed")))
+    attn["kv_a_norm"] = _norm(pd, "kv_lora", lat)
     layer = {"input_norm": _norm(pd, "norm", d), "attn": attn, "post_attn_norm": _norm(pd, "norm", d)}
     if not moe:
         layer["mlp"] = _mlp(pd, d, c.intermediate_size)
         return layer
     e, f = c.n_routed_experts, c.moe_intermediate_size
-    router = ParamSpec((d, e), jnp.bfloat16 if is_fp8(pd) else pd, ("embed", "router_experts"))
+    router = ParamSpec((d, e), _float(pd), ("embed", "router_experts"))
     layer["moe"] = {"router": router, **_weights(pd, experts_gate=((e, d, f), ("experts", "embed", "expert_mlp")),
                                                  experts_up=((e, d, f), ("experts", "embed", "expert_mlp")),
                                                  experts_down=((e, f, d), ("experts", "expert_mlp", "embed"))),
@@ -128,32 +137,37 @@ def layer_groups(cfg: Mistral4Config) -> list[tuple[str, int, bool]]:
 def param_specs(cfg: Mistral4Config, param_dtype: Any = jnp.float32, float_weights: Sequence[str] = ()) -> dict[str, Any]:
     """The `ParamSpec` of every parameter, layer groups stacked [layers, ...].
 
-    float_weights: with an FP8 `param_dtype`, the weights of `FP8_WEIGHTS` stored in bfloat16 instead, without
-    a scale, as paths in the tree ("layers_moe/attn/kv_a_proj"): a converted checkpoint lists those whose
+    float_weights: with a quantised `param_dtype`, the linear weights stored as plain bfloat16 instead, as
+    paths in the tree ("layers_moe/attn/kv_a_proj"): a converted checkpoint lists those whose
     source was not FP8 (the released checkpoint keeps `kv_a_proj_with_mqa` in bf16). Ignored for float dtypes.
     """
-    vocab = ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))  # lm_head as embed, [X, D]: XLA:CPU's
-    # small-batch matmul is faster against this (HF's) layout than against [D, X]
-    top = {"embed": vocab} if cfg.tie_word_embeddings else {"embed": vocab, "lm_head": vocab}
-    out: dict[str, Any] = {**_weights(param_dtype, **top), "final_norm": _norm(param_dtype, "norm", cfg.hidden_size)}
+    vocab = ParamSpec((cfg.vocab_size, cfg.hidden_size), _float(param_dtype), ("vocab", "embed"))  # lm_head as
+    # embed, [X, D]: XLA:CPU's small-batch matmul is faster against this (HF's) layout than against [D, X]
+    out: dict[str, Any] = {"embed": vocab, "final_norm": _norm(param_dtype, "norm", cfg.hidden_size)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = vocab
     for name, n, moe in layer_groups(cfg):
-        out[name] = jax.tree_util.tree_map(lambda s, n=n: ParamSpec((n, *s.shape), s.dtype, ("layers", *s.axes), s.init),
-                                           _layer(cfg, param_dtype, moe), is_leaf=_is_spec)
-    if is_fp8(param_dtype):
-        out = _with_float_weights(out, float_weights, lambda w, _: dataclasses.replace(w, dtype=jnp.bfloat16))
+        out[name] = jax.tree_util.tree_map(lambda s, n=n: s.stacked(n), _layer(cfg, param_dtype, moe), is_leaf=_is_spec)
+    for path in float_weights if is_quantized(param_dtype) else ():
+        *parents, name = path.split("/")
+        node: Any = out
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not _is_spec(node.get(name)) or node[name].scale is None:
+            raise ValueError(f"float_weights: {path!r} is not an FP8 weight of this model")
+        node[name] = dataclasses.replace(node[name], dtype=jnp.bfloat16, scale=None)
     return out
 
 
 # ---------------------------------------------------------------------------------------- derived
 def param_axes(cfg: Mistral4Config, param_dtype: Any = jnp.float32, float_weights: Sequence[str] = ()) -> dict[str, Any]:
     """Logical axis names of every parameter (a tree of tuples matching `abstract_params`)."""
-    return jax.tree_util.tree_map(lambda s: s.axes, param_specs(cfg, param_dtype, float_weights), is_leaf=_is_spec)
+    return jax.tree_util.tree_map(ParamSpec.logical_axes, param_specs(cfg, param_dtype, float_weights), is_leaf=_is_spec)
 
 
 def abstract_params(cfg: Mistral4Config, param_dtype: Any = jnp.float32, float_weights: Sequence[str] = ()) -> dict[str, Any]:
     """The parameter tree as `jax.ShapeDtypeStruct`s (nothing allocated)."""
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)),
-                                  param_specs(cfg, param_dtype, float_weights), is_leaf=_is_spec)
+    return jax.tree_util.tree_map(ParamSpec.abstract, param_specs(cfg, param_dtype, float_weights), is_leaf=_is_spec)
 
 
 def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32,
@@ -161,7 +175,7 @@ def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32,
     """Random parameters (normal(0.02) weights, unit norms and FP8 scales); `param_specs`' tree."""
     specs, treedef = jax.tree_util.tree_flatten(param_specs(cfg, param_dtype, float_weights), is_leaf=_is_spec)
     keys = jax.random.split(key, len(specs))
-    return jax.tree_util.tree_unflatten(treedef, [s.init(k, s.shape, s.dtype) for s, k in zip(specs, keys)])
+    return jax.tree_util.tree_unflatten(treedef, [s.initialize(k) for s, k in zip(specs, keys)])
 
 
 def param_shardings(cfg: Mistral4Config, mesh: Mesh, param_dtype: Any = jnp.float32,
@@ -175,31 +189,23 @@ def param_shardings(cfg: Mistral4Config, mesh: Mesh, param_dtype: Any = jnp.floa
 
 
 # -------------------------------------------------------------------------------- stored trees
-def _with_float_weights(tree: dict[str, Any], float_weights: Sequence[str], fn: Any) -> dict[str, Any]:
-    """`tree` (parameters, or a tree matching them) with each FP8 weight at a `float_weights` path replaced by
-    fn(weight, scale) and its `_scale` dropped (dicts copied, leaves shared). ValueError for a path that is
-    not an FP8 weight of the tree."""
-    copy = lambda t: {k: copy(v) for k, v in t.items()} if isinstance(t, dict) else t  # noqa: E731
-    tree = copy(tree)
-    for path in float_weights:
-        *parents, name = path.split("/")
-        node: Any = tree
-        for k in parents:
-            node = node.get(k) if isinstance(node, dict) else None
-        if name not in FP8_WEIGHTS or not isinstance(node, dict) or name + "_scale" not in node:
-            raise ValueError(f"float_weights: {path!r} is not an FP8 weight of this model")
-        node[name] = fn(node[name], node.pop(name + "_scale"))
-    return tree
+def _path(keys: tuple) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in keys)
 
 
-def stored_float_weights(params: dict[str, Any]) -> tuple[str, ...]:
-    """The `float_weights` of a stacked parameter tree (arrays or `ShapeDtypeStruct`s): the paths of the
-    `FP8_WEIGHTS` stored without a `_scale` beside them, if the tree holds FP8 weights at all, else ()."""
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    if not any(is_fp8(x.dtype) for x in flat.values()):
+def quantized_paths(cfg: Mistral4Config) -> list[str]:
+    """Paths ("layers_moe/attn/kv_a_proj") of the weights that a quantised `param_dtype` stores as `QuantArray`s."""
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(cfg, QUANT_DTYPES[0]), is_leaf=_is_spec)[0]
+    return [_path(keys) for keys, spec in flat if spec.scale is not None]
+
+
+def stored_float_weights(cfg: Mistral4Config, params: dict[str, Any]) -> tuple[str, ...]:
+    """The `float_weights` of a stacked parameter tree (arrays or `ShapeDtypeStruct`s): the `quantized_paths`
+    that `params` holds as plain arrays, if it holds any `QuantArray` at all, else ()."""
+    held = {_path(keys): x for keys, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quant)[0]}
+    if not any(is_quant(x) for x in held.values()):
         return ()
-    return tuple(sorted(p for p in flat if p.rsplit("/", 1)[-1] in FP8_WEIGHTS and p + "_scale" not in flat))
+    return tuple(sorted(p for p in quantized_paths(cfg) if not is_quant(held.get(p))))
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
