@@ -87,8 +87,7 @@ def abstract_inputs(cfg, mesh, dtype, cache_dtype, batch: int, tokens: int, cach
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from mistral4_jax.model import abstract_params, init_cache
-    from mistral4_jax.model import cache_shardings, param_shardings
+    from mistral4_jax.model import abstract_params, cache_shardings, init_cache, param_shardings
     from mistral4_jax.sharding import batch_spec
 
     def attach(a, s):
@@ -129,7 +128,7 @@ def compile_phase(cfg, mesh, args, phase: str, layers: int, unroll: bool):
         positions = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32) + (cache_len - 1 if decode else 0), ids.shape)
         index = cache_len - 1 if decode else 0
         logits, _, cache = forward(params, cfg, ids, positions, jnp.ones(ids.shape, bool), cache=cache, index=index,
-                                   decode=decode, last_only=True, dtype=compute, param_dtype=dtype, mesh=mesh, **extra)
+                                   decode=decode, last_only=True, dtype=compute, mesh=mesh, **extra)
         return logits, cache
 
     t0 = time.perf_counter()
@@ -153,8 +152,7 @@ def chip_share(cfg, mesh, dtype) -> tuple[float, float, float]:
     import jax
     import numpy as np
 
-    from mistral4_jax.model import abstract_params
-    from mistral4_jax.model import param_shardings
+    from mistral4_jax.model import abstract_params, param_shardings
 
     params, shard = abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype)
     dense_bytes = expert_bytes = weights = 0.0
@@ -168,7 +166,7 @@ def chip_share(cfg, mesh, dtype) -> tuple[float, float, float]:
             continue
         else:
             dense_bytes += per_chip
-            if a.ndim >= 3 and not key.endswith("_scale']"):  # stacked matrices [layers, ...]
+            if a.ndim >= 3 and not key.endswith(".scale"):  # stacked matrices [layers, ...], not QuantArray scales
                 weights += a.size / div
     return dense_bytes, expert_bytes, weights
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from mistral4_jax.weights.hf import HFReader, dequantize_fp8, fp8_block
 from mistral4_jax.weights.safetensors import TensorIndex
+from mistral4_jax.weights.quant import FP8_DTYPE_NAMES
 
-_FP8_NAMES = ("float8_e4m3fn", "float8_e5m2")
 _PIECE_BYTES = 32 * 1024 * 1024
 """Target float32 size of one piece of a 2-D tensor read in row blocks."""
 
@@ -136,7 +136,7 @@ class SourceTensor:
     # ---------------------------------------------------------------------------------- reading
     @property
     def is_fp8(self) -> bool:
-        return self.dtype.name in _FP8_NAMES
+        return self.dtype.name in FP8_DTYPE_NAMES
 
     @property
     def sources(self) -> tuple[SourceTensor, ...]:
@@ -262,7 +262,7 @@ class LazyReader(HFReader):
         dtype = self.check(name, shape)
         self.used.add(name)
         scale = None
-        if dtype.name in _FP8_NAMES:
+        if dtype.name in FP8_DTYPE_NAMES:
             scale = self._scale_of(name, tuple(shape))
             fp8_block(scale.shape, tuple(shape), self.fp8_block, name)
         return SourceTensor(self.index, self._actual[name], name, tuple(shape), dtype, scale, self.fp8_block)

@@ -9,8 +9,8 @@ dequantised as `float32(w) * scale`, then rounded to the output dtype; a value b
 an error). "float8_e4m3fn" is the model's FP8 storage (`fp8_float_weights` decides it per weight):
 - every FP8 source tensor (per-tensor or per-expert scale) is kept bit for bit with its scale, however
   our layout transposes, reshapes or splits it (k_b_proj and v_b_proj share kv_b_proj's scale);
-- a weight of `model.FP8_WEIGHTS` whose source is bf16/float in an FP8 checkpoint (the released checkpoint
-  keeps `kv_a_proj_with_mqa` in bf16) is stored in bfloat16 as it is, not re-quantised; the manifest
+- a weight FP8 stores quantised (a `QuantArray`) whose source is bf16/float in an FP8 checkpoint (the
+  released checkpoint keeps `kv_a_proj_with_mqa` in bf16) is stored in bfloat16 as it is, not re-quantised; the manifest
   lists it in `float_weights`;
 - a source without any FP8 weight is quantised: scale `amax / 448` per tensor (per expert for the routed
   experts);
@@ -47,6 +47,7 @@ from mistral4_jax.model.vision import vision_dtype
 from mistral4_jax.model.vision_config import VisionConfig
 from mistral4_jax.weights import hf
 from mistral4_jax.weights.vision import read_vision_params
+from mistral4_jax.weights.quant import QuantArray, is_quant, is_quantized
 
 from .cli import OUTPUT_DTYPES
 from .lazy import Lazy, LazyReader, SourceTensor
@@ -131,17 +132,18 @@ def plan(source: Source) -> dict[str, Any]:
     return out
 
 
-def fp8_float_weights(lazy: dict[str, Any]) -> tuple[str, ...]:
+def fp8_float_weights(cfg: Any, lazy: dict[str, Any]) -> tuple[str, ...]:
     """The `float_weights` of an FP8 conversion of the planned source `lazy` ({piece: lazy tree}): the
-    `model.FP8_WEIGHTS` paths ("layers_moe/attn/kv_a_proj") whose sources are all bf16/float while other
-    weights of the source are FP8 (stored in bfloat16, not re-quantised). A source without any FP8 weight
+    weights FP8 stores quantised (`model.quantized_paths`: "layers_moe/attn/kv_a_proj") whose sources are all
+    bf16/float while other weights of the source are FP8 (stored in bfloat16, not re-quantised). A source without any FP8 weight
     gives () (all of them are quantised). ValueError for a weight FP8 in some layers or experts but not in
     others, and for an FP8 source of a weight the model stores in bfloat16."""
+    quantized = set(M.quantized_paths(cfg))
     sources: dict[str, list[SourceTensor]] = {}
     for piece, tree in lazy.items():
         group = piece.split("/")[0]
         for path, leaf in _flat(tree):
-            if path.rsplit("/", 1)[-1] in M.FP8_WEIGHTS:
+            if f"{group}/{path}" in quantized:
                 sources.setdefault(f"{group}/{path}", []).extend(leaf.sources)
             elif fp8 := [t for t in leaf.sources if t.is_fp8]:
                 raise ValueError(f"tensor {fp8[0].name!r} is FP8, but the model stores {piece}/{path} in bfloat16, "
@@ -172,8 +174,6 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Lazy]]:
 def _check(lazy: Any, target: dict[str, Any], where: str) -> None:
     """Lazy tree vs target tree: same names and shapes; FP8 targets must be representable."""
     for name, spec in target.items():
-        if name.endswith("_scale") and name[: -len("_scale")] in target:
-            continue
         if name not in lazy:
             raise ValueError(f"internal error: {where}/{name} is not produced from the source")
         if isinstance(spec, dict):
@@ -182,7 +182,7 @@ def _check(lazy: Any, target: dict[str, Any], where: str) -> None:
         leaf = lazy[name]
         if tuple(leaf.shape) != tuple(spec.shape):
             raise ValueError(f"internal error: {where}/{name} is {leaf.shape} from the source, the model expects {spec.shape}")
-        if name + "_scale" in target and leaf.is_fp8:
+        if is_quant(spec) and leaf.is_fp8:
             for t in leaf.sources:
                 kind = "block-scaled FP8" if t.block_scale() else t.dtype.name
                 if t.dtype != np.dtype(ml_dtypes.float8_e4m3fn) or t.block_scale() is not None:
@@ -252,12 +252,10 @@ def materialize(lazy: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     """The numpy arrays of one piece, in the storage format of `target` (a tree of ShapeDtypeStructs)."""
     out: dict[str, Any] = {}
     for name, spec in target.items():
-        if name.endswith("_scale") and name[: -len("_scale")] in target:
-            continue
         if isinstance(spec, dict):
             out[name] = materialize(lazy[name], spec)
-        elif name + "_scale" in target:
-            out[name], out[name + "_scale"] = to_fp8(lazy[name], tuple(target[name + "_scale"].shape))
+        elif is_quant(spec):
+            out[name] = QuantArray(*to_fp8(lazy[name], tuple(spec.scale.shape)))
         else:
             out[name] = to_float(lazy[name], np.dtype(spec.dtype))
     return out
@@ -298,7 +296,7 @@ def _convert(src: str | os.PathLike, dst: str, dtype: str, text_only: bool, over
     if vision and text_only:
         log.info("%s: skipping %d vision tensors (--text-only)", source.path, len(vision))
     lazy = plan(source)
-    floats = fp8_float_weights(lazy) if M.is_fp8(dtype) else ()
+    floats = fp8_float_weights(cfg, lazy) if is_quantized(dtype) else ()
     abstract = M.abstract_params(cfg, jnp.dtype(dtype), floats)
     targets = {p: ckpt.piece_abstract(cfg, jnp.dtype(dtype), p, abstract, vcfg) for p in ckpt.pieces(cfg, vcfg)}
     for piece, target in targets.items():

@@ -83,7 +83,7 @@ class Mistral4:
         self.config = config
         self.dtype = resolve_dtype(dtype)
         if mesh is not None:
-            floats = M.stored_float_weights(params)
+            floats = M.stored_float_weights(config, params)
             params = jax.device_put(params, param_shardings(config, mesh, self.dtype, float_weights=floats))
         self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
@@ -167,7 +167,7 @@ class Mistral4:
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
         """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code)."""
         return M.forward(params, self.config, input_ids, positions, key_valid, dtype=self.compute_dtype,
-                         param_dtype=self.dtype, mesh=self.mesh, moe_backend=self.moe_backend, **kwargs)
+                         mesh=self.mesh, moe_backend=self.moe_backend, **kwargs)
 
     def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False,
                       image_features: jax.Array | None = None):

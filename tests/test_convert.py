@@ -26,6 +26,7 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming
 import mistral4_jax
 from mistral4_jax import sharding
 from mistral4_jax.weights import checkpoint, hf
+from mistral4_jax.weights.quant import QuantArray
 from mistral4_jax.cli import main as cli_main
 from mistral4_jax.convert import convert
 from helpers import REPO, TINY, assert_logits_close, hf_config, make_hf_model
@@ -567,15 +568,16 @@ def assert_fp8_kept(tensors: dict[str, np.ndarray], stored: dict, cfg) -> int:
             node = stored[group]
             for key in path.split("/")[:-1]:
                 node = node[key]
-            leaf = path.split("/")[-1]
+            stored_w = node[path.split("/")[-1]]
+            values = stored_w.values if isinstance(stored_w, QuantArray) else stored_w
             pick = (lambda a: a[j]) if expert is None else (lambda a: a[j][expert])
-            got = pick(node[leaf])
+            got = pick(values)
             assert got.dtype == w.dtype and got.shape == want.shape, (name, path, got.dtype, got.shape, want.shape)
             assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)), f"{name} -> {path} differs"
             if scale is None:
-                assert leaf + "_scale" not in node, f"{name} is {w.dtype} but {path} has a scale"
+                assert not isinstance(stored_w, QuantArray), f"{name} is {w.dtype} but {path} has a scale"
             else:
-                got_scale = pick(node[leaf + "_scale"]).reshape(-1)
+                got_scale = pick(stored_w.scale).reshape(-1)
                 assert np.array_equal(got_scale.view(np.uint32), np.asarray(scale, np.float32).reshape(-1).view(np.uint32)), \
                     f"{name}: scale {got_scale} stored for {path}, source {scale}"
     return checked
@@ -708,9 +710,9 @@ def test_quantize_float_source_to_fp8(bf16_src, weights, tmp_path):
     dst = convert(bf16_src, str(tmp_path / "fp8"), dtype="float8_e4m3fn", progress=False)
     moe = restored(dst)["layers_moe"]["moe"]
     src = weights["model.layers.1.mlp.experts.down_proj"].astype(BF16).astype(np.float32).transpose(0, 2, 1)
-    scale = moe["experts_down_scale"][0]
+    scale = moe["experts_down"].scale[0]
     assert np.array_equal(scale.reshape(-1), (np.abs(src).reshape(8, -1).max(1) / 448).astype(np.float32))
-    err = np.abs(moe["experts_down"][0].astype(np.float32) * scale - src)
+    err = np.abs(moe["experts_down"].values[0].astype(np.float32) * scale - src)
     assert np.all(err <= np.maximum(np.abs(src) * 2**-4, scale * 2**-9))
 
 

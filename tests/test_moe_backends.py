@@ -13,6 +13,7 @@ import pytest
 import mistral4_jax
 from mistral4_jax import Mistral4, sharding
 from mistral4_jax.weights import checkpoint, hf
+from mistral4_jax.weights.quant import QuantArray
 from mistral4_jax.convert import convert
 from mistral4_jax.model import resolve_moe_backend, routed_experts
 from mistral4_jax.sharding import make_mesh
@@ -69,7 +70,8 @@ def test_ragged_kernels_match_dense_experts(case):
     ids = ids.astype(np.int32)
 
     def run(x, ids, w, gate, up, down, scales):
-        return routed_experts(x, ids, w, gate, up, down, first_expert=first, scales=scales, backend="ragged", rows=rows)
+        gate, up, down = (QuantArray(m, s) for m, s in zip((gate, up, down), scales))
+        return routed_experts(x, ids, w, gate, up, down, first_expert=first, backend="ragged", rows=rows)
 
     assert primitive in str(jax.make_jaxpr(run)(x, ids, w, gate, up, down, scales))
     got = jax.jit(run)(x, ids, w, gate, up, down, scales)
@@ -144,7 +146,7 @@ def test_ragged_backend_with_fp8_weights_on_a_mesh(reference):
     checkpoint dequantised to float32 on one device."""
     _, dequantised = checkpoint.restore_params(reference["fp8"], "float32")
     want = Mistral4(CFG, dequantised).logits(reference["ids"])
-    scales = np.asarray(checkpoint.restore_params(reference["fp8"])[1]["layers_moe"]["moe"]["experts_gate_scale"])
+    scales = np.asarray(checkpoint.restore_params(reference["fp8"])[1]["layers_moe"]["moe"]["experts_gate"].scale)
     assert np.unique(scales).size > 1, "per-expert scales should differ"
     model = mistral4_jax.load(reference["fp8"], dtype="float8_e4m3fn", compute_dtype="float32",
                               mesh=make_mesh("data=1,expert=4,tensor=2"), moe_backend="ragged")

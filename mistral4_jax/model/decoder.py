@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ..config import Mistral4Config
 from ..sharding import batch_spec
 from .vision import scatter_image_features
-from .layers import DecoderLayer, RMSNorm
+from .layers import decoder_layer, rms_norm
 from .moe import resolve_moe_backend
 from .params import layer_groups
 from .rope import llama4_query_scale, rope_cos_sin
@@ -36,7 +36,6 @@ def forward(
     last_only: bool = False,
     logits_at: Array | None = None,
     dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
     mesh: Any = None,
     image_features: Array | None = None,
     image_token_index: int = 10,
@@ -82,13 +81,11 @@ def forward(
     expert_ids = None
     moe_backend = resolve_moe_backend(moe_backend, mesh)
     for name, _, moe in layer_groups(cfg):
-        layer = DecoderLayer(cfg, dtype, param_dtype, mesh, moe=moe, moe_backend=moe_backend)
         group_cache = None if cache is None else cache[name]
 
-        def body(h, xs, layer=layer):
+        def body(h, xs):
             p, lc = xs
-            h, (ids, lc) = layer.apply({"params": p}, h, cos, sin, qscale, mask, lc, index, decode)
-            return h, (ids, lc)
+            return decoder_layer(p, h, cos, sin, qscale, mask, cfg, dtype, mesh, moe_backend, lc, index, decode)
 
         if isinstance(params[name], list):
             outs = []
@@ -107,7 +104,7 @@ def forward(
         h = h[:, -1:]
     elif logits_at is not None:
         h = jnp.take_along_axis(h, logits_at.astype(jnp.int32)[:, None, None], axis=1)
-    h = RMSNorm(cfg, dtype, param_dtype, None, cfg.rms_norm_eps).apply({"params": params["final_norm"]}, h)
+    h = rms_norm(params["final_norm"], h, cfg.rms_norm_eps, dtype)
     head = embed if cfg.tie_word_embeddings else params["lm_head"]  # [X, D]: XLA:CPU's small-batch matmul is
     # faster against this (HF's) layout than against [D, X]
     return jnp.einsum("btd,xd->btx", h, head.astype(dtype)).astype(jnp.float32), expert_ids, cache

@@ -15,8 +15,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from ..config import Mistral4Config
 from ..sharding import RULES
+from ..weights.quant import QuantArray, dequantize
 
 Array = jax.Array
+Weight = Array | QuantArray
 
 
 def route(logits: Array, cfg: Mistral4Config) -> tuple[Array, Array]:
@@ -56,16 +58,10 @@ def resolve_moe_backend(backend: str, mesh: Any = None) -> str:
     return "loop" if platform == "cpu" else "ragged"
 
 
-def _dequant(w: Array, scale: Array | None, dtype: Any) -> Array:
-    """w cast to dtype, times its FP8 scale (broadcast) if any."""
-    w = w.astype(dtype)
-    return w if scale is None else w * scale.astype(dtype)
-
-
-def _expert_weight(w: Array, scales: tuple[Array | None, ...] | None, j: int, i: Array, dtype: Any) -> Array:
-    """Expert i's slice of w (i may be traced), cast to dtype and times its FP8 scale if any."""
+def _expert_weight(w: Array | QuantArray, i: Array, dtype: Any) -> Array:
+    """Expert i's slice of w (i may be traced; a `QuantArray`'s values and scale alike), in dtype."""
     pick = functools.partial(jax.lax.dynamic_index_in_dim, index=i, keepdims=False)
-    return _dequant(pick(w), None if scales is None or scales[j] is None else pick(scales[j]), dtype)
+    return dequantize(jax.tree_util.tree_map(pick, w), dtype)
 
 
 def _local_copies(ids: Array, e: int, first_expert: Array | int) -> tuple[Array, Array, Array]:
@@ -94,16 +90,16 @@ EXPERT_CHUNK_ROWS = 64
 
 
 def routed_experts(
-    x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, first_expert: Array | int = 0,
-    scales: tuple[Array | None, Array | None, Array | None] | None = None, act: Any = jax.nn.silu,
+    x: Array, ids: Array, weights: Array, gate: Weight, up: Weight, down: Weight, first_expert: Array | int = 0,
+    act: Any = jax.nn.silu,
     backend: str = "loop", rows: int | None = None,
 ) -> Array:
     """Weighted sum of the chosen experts' gated MLPs `down(act(gate x) * up x)`, exact (no token is dropped,
     no capacity).
 
     x [T, D]; ids, weights [T, K]; gate, up [E, D, F]; down [E, F, D] -> [T, D] (x's dtype).
-    The expert weights may be in their storage dtype (with FP8, `scales` holds the three [E, 1, 1]
-    dequantisation scales, None for a weight stored in float); they are dequantised to x's dtype where they are read.
+    The expert weights may be in their storage dtype or `QuantArray`s (FP8 with [E, 1, 1] scales); they are
+    dequantised to x's dtype where they are read.
     The experts held here are `first_expert .. first_expert + E - 1` (all of them unless sharded);
     assignments to other experts contribute zero.
 
@@ -115,16 +111,16 @@ def routed_experts(
     sorted by expert, `rows` of them at a time (None = all T*K at once).
     """
     if backend == "loop":
-        return _experts_loop(x, ids, weights, gate, up, down, first_expert, scales, act)
+        return _experts_loop(x, ids, weights, gate, up, down, first_expert, act)
     if backend != "ragged":
         raise ValueError(f"routed_experts: backend must be 'loop' or 'ragged', got {backend!r}")
     if ids.size <= gate.shape[0]:
-        return _experts_gathered(x, ids, weights, gate, up, down, first_expert, scales, act)
-    return _experts_ragged(x, ids, weights, gate, up, down, first_expert, scales, act, rows)
+        return _experts_gathered(x, ids, weights, gate, up, down, first_expert, act)
+    return _experts_ragged(x, ids, weights, gate, up, down, first_expert, act, rows)
 
 
-def _experts_loop(x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array,
-                  first_expert: Array | int, scales: tuple[Array | None, ...] | None, act: Any) -> Array:
+def _experts_loop(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight, down: Weight,
+                  first_expert: Array | int, act: Any) -> Array:
     """`routed_experts` for CPU: the T*K token copies are sorted by expert. A loop over the experts that
     some copy chose (the others' weights are never read) runs each one on its own rows,
     R = min(`EXPERT_CHUNK_ROWS`, T) at a time (an inner loop); the last chunk is padded only up to the
@@ -145,7 +141,7 @@ def _experts_loop(x: Array, ids: Array, weights: Array, gate: Array, up: Array, 
 
     def expert(n: Array, out: Array) -> Array:
         i = chosen[n]
-        g, u, d = (_expert_weight(w, scales, j, i, x.dtype) for j, w in enumerate((gate, up, down)))
+        g, u, d = (_expert_weight(w, i, x.dtype) for w in (gate, up, down))
 
         def tier(r: int) -> Any:
             def run(start: Array) -> Array:  # [r, D] rows from `start`, zero-padded to [R, D]
@@ -167,8 +163,8 @@ def _experts_loop(x: Array, ids: Array, weights: Array, gate: Array, up: Array, 
     return jnp.einsum("tkd,tk->td", out[back].reshape(t, k, dim), w)
 
 
-def _experts_gathered(x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array,
-                      first_expert: Array | int, scales: tuple[Array | None, ...] | None, act: Any) -> Array:
+def _experts_gathered(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight, down: Weight,
+                      first_expert: Array | int, act: Any) -> Array:
     """`routed_experts` for few tokens (T*K <= E, decode): reads only the chosen experts' weights.
 
     The U = T*K slots hold the distinct chosen experts held here (unused slots: -1). Each slot is one
@@ -187,7 +183,7 @@ def _experts_gathered(x: Array, ids: Array, weights: Array, gate: Array, up: Arr
         jnp.where(valid, weights, 0).astype(x.dtype))[:, :e]  # [T, E] routing weight per (token, expert)
 
     def slot(i: Array) -> Array:
-        g, u, d = (_expert_weight(w, scales, j, i, x.dtype) for j, w in enumerate((gate, up, down)))
+        g, u, d = (_expert_weight(w, i, x.dtype) for w in (gate, up, down))
         w = jax.lax.dynamic_index_in_dim(combine, i, axis=1)  # [T, 1]
         return ((act(x @ g) * (x @ u)) @ d) * w
 
@@ -197,8 +193,8 @@ def _experts_gathered(x: Array, ids: Array, weights: Array, gate: Array, up: Arr
     return out
 
 
-def _experts_ragged(x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array,
-                    first_expert: Array | int, scales: tuple[Array | None, ...] | None, act: Any,
+def _experts_ragged(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight, down: Weight,
+                    first_expert: Array | int, act: Any,
                     rows: int | None) -> Array:
     """`routed_experts` as grouped matmuls: the token copies held here, sorted by expert, go through
     `jax.lax.ragged_dot` once per projection (gate, up, down), `rows` copies at a time (static shapes;
@@ -219,7 +215,7 @@ def _experts_ragged(x: Array, ids: Array, weights: Array, gate: Array, up: Array
     chunks = -(-n // rows)
     tok = jnp.pad(order // k, (0, chunks * rows - n))  # [N'] token of each sorted copy
     ends = jnp.cumsum(counts)
-    g, u, d = (_dequant(w, None if scales is None else scales[j], x.dtype) for j, w in enumerate((gate, up, down)))
+    g, u, d = (dequantize(w, x.dtype) for w in (gate, up, down))
 
     w = jnp.where(valid, weights, 0).astype(x.dtype)
     wsorted = jnp.pad(w.reshape(-1)[order], (0, chunks * rows - n))
@@ -245,7 +241,7 @@ EXPERT_ROWS_SLACK = 1.25
 
 
 def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: jax.Array,
-                           gate: jax.Array, up: jax.Array, down: jax.Array, scales: Any = None,
+                           gate: Weight, up: Weight, down: Weight,
                            act: Any = jax.nn.silu, backend: str = "loop") -> jax.Array:
     """Expert-parallel `routed_experts` under `shard_map`: x [T, D] -> [T, D].
 
@@ -270,22 +266,27 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     t_local = x.shape[0] // (mesh.shape[tok] if tok else 1)
     rows = -(-int(t_local * ids.shape[1] * EXPERT_ROWS_SLACK) // ep // 8) * 8
 
-    def body(x, ids, weights, gate, up, down, scales):
+    def body(x, ids, weights, gate, up, down):
         # tokens are the same on every expert/tensor shard; mark them as varying there so that values
         # mixing tokens and local weights (e.g. the expert loop and its lax.switch) have one type
         x, ids, weights = (_vary(a, manual) for a in (x, ids, weights))
         first = jax.lax.axis_index(e_ax) * local if e_ax else 0
-        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, scales=scales, act=act, backend=backend,
+        y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, act=act, backend=backend,
                            rows=rows)
         return jax.lax.psum(y, manual)
 
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(tok, None), P(tok, None), P(tok, None), P(e_ax, None, f_ax), P(e_ax, None, f_ax),
-                  P(e_ax, f_ax, None), None if scales is None else tuple(None if s is None else P(e_ax, None, None) for s in scales)),
+        in_specs=(P(tok, None), P(tok, None), P(tok, None), _expert_spec(gate, P(e_ax, None, f_ax)),
+                  _expert_spec(up, P(e_ax, None, f_ax)), _expert_spec(down, P(e_ax, f_ax, None))),
         out_specs=P(tok, None),
-    )(x, ids, weights, gate, up, down, scales)
+    )(x, ids, weights, gate, up, down)
+
+
+def _expert_spec(w: Weight, spec: P) -> Any:
+    """shard_map spec of a stacked expert weight: `spec`; a `QuantArray`'s [E, 1, 1] scale split over experts only."""
+    return QuantArray(spec, P(spec[0], None, None)) if isinstance(w, QuantArray) else spec
 
 
 def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import RMSNorm, is_fp8
+from ..weights.quant import is_fp8
+from .layers import rms_norm
 from .rope import apply_rope
 
 from ..activations import ACTIVATIONS
@@ -171,9 +172,21 @@ class _VBase(nn.Module):
         return jnp.asarray(w).astype(self.dtype)
 
 
-def _norm(parent: _VBase, eps: float, name: str) -> RMSNorm:
-    """The text model's RMSNorm (float32 statistics, `scale` [D] on the "vision_norm" axis) as a child of `parent`."""
-    return RMSNorm(parent.cfg, parent.dtype, parent.param_dtype, eps=eps, axis="vision_norm", name=name)
+class _RMSNorm(_VBase):
+    """The text model's `layers.rms_norm` with its `scale` [D] declared here (logical axis "vision_norm")."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("vision_norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        return rms_norm({"scale": scale}, x, self.eps, self.dtype)
+
+
+def _norm(parent: _VBase, eps: float, name: str) -> _RMSNorm:
+    """An RMSNorm child of `parent` (its config and dtypes)."""
+    return _RMSNorm(parent.cfg, parent.dtype, parent.param_dtype, eps=eps, name=name)
 
 
 class PatchEmbed(_VBase):

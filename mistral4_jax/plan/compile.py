@@ -306,7 +306,7 @@ def _unstacked(params: Any) -> Any:
 def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode):
     """One decode step (decode=True) or prefill chunk written at slot `index`: logits, updated cache."""
     logits, _, cache = M.forward(params, cfg, tokens, positions, jnp.ones(tokens.shape, bool), cache=cache, index=index,
-                                 decode=decode, last_only=not decode, dtype=compute_dtype, param_dtype=dtype, mesh=mesh)
+                                 decode=decode, last_only=not decode, dtype=compute_dtype, mesh=mesh)
     return logits, cache
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..config import Mistral4Config
 from ..model import abstract_params, layer_groups, param_axes
 from ..sharding import MESH_AXES, RULES, check_divisible
+from ..weights.quant import is_quant
 
 GiB = 1024**3
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
@@ -67,13 +68,12 @@ def memory_plan(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bflo
                 batch: int = 1, context: int = 8192, hbm_per_device: int | None = None, reserve: float = 0.1) -> MemoryPlan:
     """Bytes per device for weights and KV cache on a mesh of `mesh` sizes (see module docstring)."""
     mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
-    total = per_device = count = 0
-    for key, leaf, names in _param_leaves(cfg, dtype, mesh):
+    total = per_device = 0
+    for _, leaf, names in _param_leaves(cfg, dtype, mesh):
         nbytes, device = _leaf_bytes(leaf, names, mesh)
         total += nbytes
         per_device += device
-        if not key.endswith("_scale']"):  # FP8 scales are not parameters
-            count += math.prod(leaf.shape)
+    count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(cfg, dtype), is_leaf=is_quant))
     cache_dtype = _cache_dtype(dtype, cache_dtype)
     kv_token = _kv_bytes_per_token(cfg, cache_dtype)
     kv_device = _kv_bytes_per_device(kv_token, mesh, batch, context)
@@ -88,7 +88,8 @@ def memory_plan(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bflo
 
 
 def _param_leaves(cfg: Mistral4Config, dtype: Any, mesh: dict[str, int]) -> list[tuple[str, Any, tuple[str, ...]]]:
-    """(key path, ShapeDtypeStruct, logical axes) of every parameter; ValueError if the mesh does not divide one."""
+    """(key path, ShapeDtypeStruct, logical axes) of every array (a `QuantArray`'s values and scale apart);
+    ValueError if the mesh does not divide one."""
     abstract = abstract_params(cfg, dtype)
     axes = param_axes(cfg, dtype)
     check_divisible(abstract, axes, mesh)

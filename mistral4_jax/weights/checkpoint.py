@@ -16,10 +16,11 @@
       source_config.json                                              the source's config.json or params.json
 
 The parameters are stored in the storage format of the model for the manifest's dtype: with
-"float8_e4m3fn" the weights in `model.FP8_WEIGHTS` are float8 with a float32 `<name>_scale` beside them
-(per tensor [1, ...], per expert [E, 1, 1]) and everything else is bfloat16, except the weights the
-manifest lists in `float_weights` ("layers_moe/attn/kv_a_proj": their source was not FP8), which are
-bfloat16 without a scale (`model.init_params`). Vision arrays are never FP8: bfloat16 for an FP8
+"float8_e4m3fn" the model's quantised weights (`QuantArray`s) are stored as two arrays, the float8 values
+under the weight's name and the float32 scale beside them as `<name>_scale` (per tensor [1, ...], per expert
+[E, 1, 1]; `to_disk` / `from_disk`), and everything else is bfloat16, except the weights the manifest lists
+in `float_weights` ("layers_moe/attn/kv_a_proj": their source was not FP8), which are bfloat16 without a
+scale (`model.param_specs`). Vision arrays are never FP8: bfloat16 for an FP8
 checkpoint, else the manifest's dtype (`vision_dtype`).
 
 Layers are stored one subtree per layer so that the converter writes one layer at a time (Orbax partial
@@ -49,6 +50,7 @@ from .. import model as M
 from ..model import vision
 from ..model.vision import vision_dtype
 from ..config import Mistral4Config
+from .quant import QuantArray, dequantize, is_fp8, is_quant
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,38 @@ JOURNAL = "journal.json"
 _CHUNK_BYTES = 64 * 1024 * 1024
 """Orbax chunk size: a sharded restore reads only the chunks its shards overlap."""
 
+SCALE_SUFFIX = "_scale"
+"""On disk, a `QuantArray` weight `<name>` is the array `<name>` (values) and `<name>_scale` beside it."""
+
 ShardingSpec = Any
 """None (one device), a `Sharding` for every array, a pytree of `Sharding`s matching the parameter tree,
 or a callable `(logical_axes: tuple[str | None, ...], leaf: jax.ShapeDtypeStruct) -> Sharding`."""
 
 
 # ------------------------------------------------------------------------------------------- layout
+def to_disk(tree: Any) -> Any:
+    """The on-disk form of a parameter tree (arrays, `ShapeDtypeStruct`s or shardings): each `QuantArray`
+    `<name>` as `<name>` (its values) and `<name>_scale` beside it."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for name, value in tree.items():
+        if is_quant(value):
+            out[name], out[name + SCALE_SUFFIX] = value.values, value.scale
+        else:
+            out[name] = to_disk(value)
+    return out
+
+
+def from_disk(tree: Any, like: Any) -> Any:
+    """`to_disk` undone: the tree read from disk with each weight that `like` (the model's tree) holds as a
+    `QuantArray` put back together from `<name>` and `<name>_scale`."""
+    if not isinstance(like, dict):
+        return tree
+    return {name: QuantArray(tree[name], tree[name + SCALE_SUFFIX]) if is_quant(sub) else from_disk(tree[name], sub)
+            for name, sub in like.items()}
+
+
 def pieces(cfg: Mistral4Config, vcfg: Any = None) -> list[str]:
     """The pieces a checkpoint is written in, in order: "globals", "vision" when `vcfg` (a
     `vision.VisionConfig`) is given, then "layers_moe/0", ... per layer."""
@@ -86,8 +114,8 @@ def vision_abstract(vcfg: Any, dtype: Any) -> dict[str, Any]:
 
 def piece_abstract(cfg: Mistral4Config, dtype: Any, piece: str, abstract: dict[str, Any] | None = None,
                    vcfg: Any = None) -> dict[str, Any]:
-    """The arrays of one piece as `jax.ShapeDtypeStruct`s (per-layer pieces without the layer axis; the
-    "vision" piece needs `vcfg`)."""
+    """The arrays of one piece as `jax.ShapeDtypeStruct`s, as the model holds them (`QuantArray`s; per-layer
+    pieces without the layer axis; the "vision" piece needs `vcfg`)."""
     if piece == VISION:
         if vcfg is None:
             raise ValueError("the vision piece needs a vision config")
@@ -110,7 +138,8 @@ def nest(piece: str, tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def disk_abstract(cfg: Mistral4Config, dtype: Any, vcfg: Any = None, float_weights: Sequence[str] = ()) -> dict[str, Any]:
-    """The whole on-disk parameter tree as `jax.ShapeDtypeStruct`s (with the vision piece if `vcfg`)."""
+    """The whole stored parameter tree as `jax.ShapeDtypeStruct`s, pieces laid out as on disk but `QuantArray`s
+    whole (`to_disk` gives the on-disk names); with the vision piece if `vcfg`."""
     abstract = M.abstract_params(cfg, dtype, float_weights)
     out = piece_abstract(cfg, dtype, GLOBALS, abstract)
     for group, n, _ in M.layer_groups(cfg):
@@ -122,14 +151,10 @@ def disk_abstract(cfg: Mistral4Config, dtype: Any, vcfg: Any = None, float_weigh
 
 
 def count(tree: Any) -> tuple[int, int]:
-    """(number of arrays, number of parameters) of a tree of arrays; FP8 `*_scale` arrays count as arrays only."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    params = sum(int(np.prod(x.shape)) for path, x in flat if not _is_scale(path))
-    return len(flat), params
-
-
-def _is_scale(path: tuple) -> bool:
-    return str(getattr(path[-1], "key", "")).endswith("_scale")
+    """(number of arrays, number of parameters) of a tree of arrays; a `QuantArray` is two arrays (values and
+    scale) and as many parameters as values."""
+    weights = jax.tree_util.tree_leaves(tree, is_leaf=is_quant)
+    return len(jax.tree_util.tree_leaves(tree)), sum(int(np.prod(x.shape)) for x in weights)
 
 
 # ------------------------------------------------------------------------------------------ orbax
@@ -164,7 +189,7 @@ def verify(path: str | os.PathLike, cfg: Mistral4Config, dtype: Any, vcfg: Any =
     """Check the arrays stored under `path` against `cfg`/`dtype`/`float_weights` (and the vision piece of
     `vcfg`, if given): names, shapes, dtypes; nothing missing or extra. Returns (tensor count, parameter
     count), vision included; raises ValueError naming the first difference."""
-    expected = dict(_flat(disk_abstract(cfg, dtype, vcfg, float_weights)))
+    expected = dict(_flat(to_disk(disk_abstract(cfg, dtype, vcfg, float_weights))))
     found = dict(_flat(on_disk(path)))
     for name in sorted(set(expected) | set(found)):
         if name not in found:
@@ -252,13 +277,14 @@ class CheckpointWriter:
         return piece in self.journal["done"]
 
     def save(self, piece: str, tree: dict[str, Any], after_save: Callable[[], None] | None = None) -> None:
-        """Write one piece (numpy arrays, not modified until this returns) as an Orbax partial save."""
+        """Write one piece (numpy arrays and `QuantArray`s of them, not modified until this returns) as an
+        Orbax partial save."""
         resumed = self.journal["pending"] == piece
         self.journal["pending"] = piece
         self._write_journal()
         with _orbax() as ocp:
             try:
-                ocp.partial.save(self.params_path, nest(piece, tree))
+                ocp.partial.save(self.params_path, nest(piece, to_disk(tree)))
             except Exception as e:
                 # Killed after Orbax committed this piece but before the journal recorded it: it is on disk.
                 if not (resumed and type(e).__name__ == "PartialSaveReplacementError"):
@@ -375,7 +401,7 @@ def resolve_shardings(shardings: ShardingSpec, cfg: Mistral4Config, dtype: Any, 
     if isinstance(shardings, Sharding):
         return jax.tree_util.tree_map(lambda _: shardings, abstract)
     if callable(shardings):
-        axes = M.param_axes(cfg, dtype, M.stored_float_weights(abstract))
+        axes = M.param_axes(cfg, dtype, M.stored_float_weights(cfg, abstract))
         return jax.tree_util.tree_map(lambda a, s: shardings(tuple(a), s), axes, abstract,
                                       is_leaf=lambda a: isinstance(a, tuple))
     expected = jax.tree_util.tree_structure(abstract)
@@ -400,19 +426,8 @@ def _target(abstract: Any, shardings: Any) -> Any:
 
 
 def _dequantize(stored: dict[str, Any], dtype: Any) -> dict[str, Any]:
-    """FP8 weights times their `<name>_scale` (float32 product, as the model does), cast to `dtype`; the
-    scales dropped; other arrays cast to `dtype`."""
-    out: dict[str, Any] = {}
-    for name, value in stored.items():
-        if name.endswith("_scale") and name[: -len("_scale")] in stored:
-            continue
-        if isinstance(value, dict):
-            out[name] = _dequantize(value, dtype)
-        elif name + "_scale" in stored:
-            out[name] = (value.astype(jnp.float32) * stored[name + "_scale"]).astype(dtype)
-        else:
-            out[name] = value.astype(dtype)
-    return out
+    """`QuantArray`s dequantised (float32 product, as the model computes in float32) and every array cast to dtype."""
+    return jax.tree_util.tree_map(lambda w: dequantize(w, jnp.float32).astype(dtype), stored, is_leaf=is_quant)
 
 
 def restore_params(path: str | os.PathLike, dtype: Any = None, shardings: ShardingSpec = None) -> tuple[Mistral4Config, dict[str, Any]]:
@@ -427,10 +442,10 @@ def restore_params(path: str | os.PathLike, dtype: Any = None, shardings: Shardi
     cfg = read_config(path)
     stored = jnp.dtype(manifest["dtype"])
     target = stored if dtype is None else jnp.dtype(dtype)
-    if M.is_fp8(target) and not M.is_fp8(stored):
+    if is_fp8(target) and not is_fp8(stored):
         raise ValueError(f"{path}: stored as {stored.name}; FP8 weights need a checkpoint converted with "
                          "--dtype float8_e4m3fn")
-    dequantize = M.is_fp8(stored) and not M.is_fp8(target)
+    dequantize = is_fp8(stored) and not is_fp8(target)
     floats = manifest.get("float_weights", [])
     abstract = M.abstract_params(cfg, target, floats)
     stored_abstract = abstract if stored == target else M.abstract_params(cfg, stored, floats)
@@ -439,7 +454,8 @@ def restore_params(path: str | os.PathLike, dtype: Any = None, shardings: Shardi
     with _orbax(partial_load=True) as ocp:
         params = {}
         glob_abstract = piece_abstract(cfg, target, GLOBALS, abstract)
-        params.update(ocp.load(params_path, _target(glob_abstract, {k: shard_tree[k] for k in glob_abstract})))
+        glob_target = to_disk(_target(glob_abstract, {k: shard_tree[k] for k in glob_abstract}))
+        params.update(from_disk(ocp.load(params_path, glob_target), glob_abstract))
         for group, n, _ in M.layer_groups(cfg):
             params[group] = _restore_group(ocp, params_path, group, n, abstract[group], stored_abstract[group],
                                            shard_tree[group], target if dequantize else None)
@@ -454,13 +470,14 @@ def _restore_group(ocp: Any, params_path: str, group: str, n: int, abstract: Any
     per_layer = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
     stacked = jax.tree_util.tree_map(lambda a, s: jnp.zeros(a.shape, a.dtype, device=s), abstract, shardings)
     if dequantize_to is None:
-        layer_target, convert = _target(per_layer(abstract), layer_shardings), None
+        read = per_layer(abstract)  # (Orbax casts a float checkpoint while reading)
+        layer_target, convert = _target(read, layer_shardings), None
     else:
-        stored_layer = per_layer(stored_abstract)
-        layer_target = _target(stored_layer, _stored_shardings(stored_layer, layer_shardings))
+        read = per_layer(stored_abstract)
+        layer_target = _target(read, _stored_shardings(read, layer_shardings))
         convert = jax.jit(lambda t: _dequantize(t, dequantize_to), out_shardings=layer_shardings)
     for j in range(n):
-        layer = ocp.load(params_path, {group: {str(j): layer_target}})[group][str(j)]
+        layer = from_disk(ocp.load(params_path, {group: {str(j): to_disk(layer_target)}})[group][str(j)], read)
         if convert is not None:
             layer = convert(layer)
         stacked = jax.tree_util.tree_map(lambda b, x: _insert(b, x, j), stacked, layer)
@@ -474,22 +491,17 @@ def _insert(stacked: jax.Array, layer: jax.Array, j: jax.Array) -> jax.Array:
 
 
 def _stored_shardings(stored_abstract: dict[str, Any], layer_shardings: dict[str, Any]) -> dict[str, Any]:
-    """Per-layer shardings for the stored FP8 tree: weights as their float targets, scales sharded like
-    their weight on the axes they keep (size-1 axes replicated)."""
-    out: dict[str, Any] = {}
-    for name, value in stored_abstract.items():
-        if isinstance(value, dict):
-            out[name] = _stored_shardings(value, layer_shardings[name])
-        elif name.endswith("_scale") and name[: -len("_scale")] in layer_shardings:
-            w = layer_shardings[name[: -len("_scale")]]
-            if isinstance(w, NamedSharding):
-                spec = tuple(w.spec) + (None,) * (len(value.shape) - len(w.spec))
-                spec = tuple(a if n > 1 else None for a, n in zip(spec, value.shape))
-                w = NamedSharding(w.mesh, PartitionSpec(*spec), memory_kind=w.memory_kind)
-            out[name] = w
-        else:
-            out[name] = layer_shardings[name]
-    return out
+    """Per-layer shardings for the stored FP8 tree, from its float targets': a `QuantArray`'s values as the
+    float weight, its scale like the weight on the axes it keeps (size-1 axes replicated)."""
+    def scale_sharding(w: Sharding, shape: tuple[int, ...]) -> Sharding:
+        if not isinstance(w, NamedSharding):
+            return w
+        spec = tuple(w.spec) + (None,) * (len(shape) - len(w.spec))
+        return NamedSharding(w.mesh, PartitionSpec(*(a if n > 1 else None for a, n in zip(spec, shape))),
+                             memory_kind=w.memory_kind)
+
+    return jax.tree_util.tree_map(lambda a, w: QuantArray(w, scale_sharding(w, a.scale.shape)) if is_quant(a) else w,
+                                  stored_abstract, layer_shardings, is_leaf=is_quant)
 
 
 def describe(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], str]]]:

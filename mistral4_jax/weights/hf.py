@@ -29,6 +29,7 @@ import numpy as np
 from ..config import Mistral4Config
 from ..model import layer_groups as model_layer_groups
 from .safetensors import TensorIndex
+from .quant import FP8_DTYPE_NAMES
 
 _PREFIXES = (
     ("model.language_model.", "model."),
@@ -40,7 +41,6 @@ _VISION_PREFIXES = (
     "vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.",
 )
 _FLOAT_KINDS = ("float32", "bfloat16", "float16", "float64")
-_FP8 = ("float8_e4m3fn", "float8_e5m2")
 
 _NATIVE_GLOBALS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _NATIVE_MODULES = {
@@ -140,7 +140,7 @@ class HFReader:
         if tuple(actual_shape) != tuple(shape):
             raise ValueError(f"{self.where}: tensor {name!r} has shape {tuple(actual_shape)}, expected {tuple(shape)}")
         dtype = self.index.dtype(self._actual[name])
-        if dtype.name not in _FP8 + _FLOAT_KINDS:
+        if dtype.name not in FP8_DTYPE_NAMES + _FLOAT_KINDS:
             raise ValueError(f"{self.where}: tensor {name!r} has unsupported dtype {dtype.name}, expected a float dtype")
         return dtype
 
@@ -148,7 +148,7 @@ class HFReader:
         """Tensor `name` as float32, checked to have `shape` and a float dtype (FP8 is dequantised)."""
         self.check(name, shape)
         w = self._raw(name)
-        if w.dtype.name in _FP8:
+        if w.dtype.name in FP8_DTYPE_NAMES:
             return dequantize_fp8(w, self._scale_of(name, w.shape), name, self.fp8_block)
         return np.asarray(w, dtype=np.float32)
 
