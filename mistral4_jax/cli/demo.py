@@ -24,9 +24,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
+from .. import configs
 from ..config import Mistral4Config
+from ..convert import convert
+from ..model.vision_config import VisionConfig
+from ..plan.memory import ACCELERATORS, format_plan, memory_plan
+from ..weights import hf, vision
+from ..weights.load import load
 from .commands import positive_int
 
 log = logging.getLogger(__name__)
@@ -71,16 +81,12 @@ class _Recorder:
 
 def hf_tensor_shapes(cfg: Mistral4Config, vision_cfg: Any | None) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of an HF (multimodal, on-disk names) checkpoint for these configs."""
-    from ..weights import hf
-
     rec = _Recorder()
     hf.read_globals(rec, cfg)  # type: ignore[arg-type]
     for i in range(cfg.num_hidden_layers):
         hf.read_layer(rec, i, cfg)  # type: ignore[arg-type]
     shapes = {("language_model." + n if n.startswith(("model.", "lm_head.")) else n): s for n, s in rec.shapes.items()}
     if vision_cfg is not None:
-        from ..weights import vision
-
         vrec = _Recorder()
         vision.read_vision_params(vrec.get, ["vision_tower.ln_pre.weight"], vision_cfg)
         shapes.update(vrec.shapes)
@@ -138,17 +144,12 @@ def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911
 
 def write_hf_checkpoint(directory: str, seed: int = 0, with_vision: bool = True) -> dict[str, Any]:
     """Write the demo checkpoint (config.json, model.safetensors in bf16, tekken.json); returns the config."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-
     os.makedirs(directory, exist_ok=True)
     text = Mistral4Config().replace(**DEMO_TEXT)
     hf_config: dict[str, Any] = {"model_type": "mistral3", "architectures": ["Mistral3ForConditionalGeneration"],
                                  "text_config": text.to_hf_dict()}
     vision_cfg = None
     if with_vision:
-        from ..model.vision_config import VisionConfig
-
         hf_config.update(vision_config=DEMO_VISION, image_token_index=10, spatial_merge_size=2,
                          projector_hidden_act="gelu", multimodal_projector_bias=False, vision_feature_layer=-1)
         vision_cfg = VisionConfig.from_hf_dict(hf_config)
@@ -207,14 +208,6 @@ def prepare_workdir(workdir: str) -> None:
 
 def run(workdir: str = DEFAULT_WORKDIR, max_new_tokens: int = 24) -> int:
     """Run the demo; its checkpoints stay in `workdir` (hf/ and converted/) for the next steps."""
-    import jax
-    import jax.numpy as jnp
-
-    import mistral4_jax
-    from mistral4_jax import configs
-    from mistral4_jax.convert import convert
-    from mistral4_jax.plan.memory import ACCELERATORS, format_plan, memory_plan
-
     t_all = time.perf_counter()
     prepare_workdir(workdir)
     say("mistral4-jax demo — the weights are RANDOM (no download is possible or needed): the answers are "
@@ -234,7 +227,7 @@ def run(workdir: str = DEFAULT_WORKDIR, max_new_tokens: int = 24) -> int:
 
     t = time.perf_counter()
     say("3/5 loading it (mistral4_jax.load)")
-    model = mistral4_jax.load(dst, dtype="bfloat16")
+    model = load(dst, dtype="bfloat16")
     vision = getattr(model, "vision_config", None) is not None
     say(f"    {model.num_params():,} parameters, weights {model.dtype.__name__}, compute "
         f"{model.compute_dtype.__name__}, vision tower: {'yes' if vision else 'no'}; {time.perf_counter() - t:.1f} s\n")

@@ -107,8 +107,6 @@ def pieces(cfg: Mistral4Config, vcfg: Any = None) -> list[str]:
 
 def vision_abstract(vcfg: Any, dtype: Any) -> dict[str, Any]:
     """The vision piece (tower + projector, layers stacked) as `jax.ShapeDtypeStruct`s for a checkpoint of `dtype`."""
-    from ..model import vision
-
     return vision.abstract_params(vcfg, vision_dtype(dtype))
 
 
@@ -362,8 +360,6 @@ def read_config(path: str | os.PathLike) -> Mistral4Config:
 
 def read_vision_config(path: str | os.PathLike) -> Any:
     """The `vision.VisionConfig` of a converted checkpoint, or None if it stores no vision tower."""
-    from ..model import vision
-
     file = os.path.join(os.fspath(path), VISION_CONFIG)
     if not os.path.isfile(file):
         return None
