@@ -174,8 +174,11 @@ def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32,
                 float_weights: Sequence[str] = ()) -> dict[str, Any]:
     """Random parameters (normal(0.02) weights, unit norms and FP8 scales); `param_specs`' tree."""
     specs, treedef = jax.tree_util.tree_flatten(param_specs(cfg, param_dtype, float_weights), is_leaf=_is_spec)
-    keys = jax.random.split(key, len(specs))
-    return jax.tree_util.tree_unflatten(treedef, [s.initialize(k) for s, k in zip(specs, keys)])
+
+    def init(key: Array) -> list[Any]:  # one compiled program, not one per parameter shape
+        return [s.initialize(k) for s, k in zip(specs, jax.random.split(key, len(specs)))]
+
+    return jax.tree_util.tree_unflatten(treedef, jax.jit(init)(key))
 
 
 def param_shardings(cfg: Mistral4Config, mesh: Mesh, param_dtype: Any = jnp.float32,
