@@ -3,7 +3,8 @@
 XLA compiles the tests' programs (tiny models, compiled by the hundred) without LLVM's optimisations:
 compilation takes ~2.5x less time and they run fast enough. The setting reaches the CLI, demo, notebook
 and multi-host processes the tests start through the environment. After each test module, compiled
-programs and dead objects are freed so the run's memory stays flat.
+programs and dead objects are freed so the run's memory stays flat (after a test too, when the process
+has grown past 2 GiB).
 """
 
 import ctypes
@@ -22,9 +23,29 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _free_after_module():
-    yield
+RSS_SOFT_LIMIT = 2 * 1024**3
+"""Past this resident size, a test's end also frees compiled programs and garbage (not only a module's end)."""
+
+
+def _free() -> None:
     jax.clear_caches()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_after_module():
+    yield
+    _free()
+
+
+@pytest.fixture(autouse=True)
+def _free_when_large():
+    yield
+    if _rss() > RSS_SOFT_LIMIT:
+        _free()
