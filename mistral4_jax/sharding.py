@@ -1,10 +1,11 @@
-"""Meshes, the logical-axis rules table, and the expert-parallel MoE.
+"""Meshes and the logical-axis rules (`ShardingRules`, `DEFAULT_RULES`).
 
 Every parameter and cache array carries logical axis names (`model.param_axes`, `model.CACHE_AXES`).
 A `ShardingRules` value maps each logical name onto a mesh axis of the ("data", "expert", "tensor")
 mesh; the model carries one (`Mistral4(..., rules=)`, default `DEFAULT_RULES`) and passes it to every
-parameter, cache, batch and shard_map layout, so another value is all it takes to try another layout. jit propagates shardings everywhere except the
-routed experts, which run under `shard_map` (`model.moe.sharded_routed_experts`).
+parameter, cache, batch and shard_map layout, so another value is all it takes to try another layout.
+jit propagates shardings everywhere except the routed experts, which run under `shard_map`
+(`model.moe.sharded_routed_experts`).
 
 Layout: experts over `expert` and their hidden dimension over `tensor`; attention heads, the shared
 expert, dense MLPs and the vocabulary over `tensor`; the batch (and the KV cache's batch) over `data`.
@@ -169,6 +170,6 @@ def tree_shardings(mesh: Mesh, axes: Any, rules: ShardingRules = DEFAULT_RULES, 
 
 
 def batch_spec(mesh: Mesh, batch: int, ndim: int, rules: ShardingRules = DEFAULT_RULES) -> P:
-    """The batch over its mesh axis (`rules`' "batch") when it divides, else replicated: a spec for a [B, ...] activation."""
+    """A spec for a [B, ...] activation: the batch over `rules`' "batch" mesh axis when it divides, else replicated."""
     axis = rules.get("batch")
     return P(axis if axis and batch % mesh.shape[axis] == 0 else None, *([None] * (ndim - 1)))

@@ -6,8 +6,9 @@
 
 Nothing is allocated: parameters and KV cache are `jax.ShapeDtypeStruct`s carrying the `NamedSharding`s of
 `rules` (default `sharding.DEFAULT_RULES`) on a mesh of the target's devices
-(`jax.experimental.topologies`), and `jax.jit(step).lower(...).compile()` runs XLA's TPU or GPU compiler on this machine. TPU targets need
-libtpu (the `tpu-aot` extra), GPU targets jax's CUDA plugin (the `gpu-aot` extra, ~5.5 GB).
+(`jax.experimental.topologies`), and `jax.jit(step).lower(...).compile()` runs XLA's TPU or GPU compiler
+on this machine. TPU targets need libtpu (the `tpu-aot` extra), GPU targets jax's CUDA plugin (the
+`gpu-aot` extra, ~5.5 GB).
 
 Two programs are compiled per target: one decode step (B tokens attending a `context`-slot latent cache,
 the cache donated) and one prefill chunk (B x T tokens written into the cache at slot 0, last logits only).

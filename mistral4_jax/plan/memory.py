@@ -3,7 +3,8 @@
 Per parameter, the bytes on one device are its bytes divided by the sizes of the mesh axes its
 logical axes map to (`rules`, default `sharding.DEFAULT_RULES`); replicated dimensions count in full.
 The KV cache holds kv_lora + qk_rope numbers per token per layer, with the batch over the rules'
-"cache_batch" axis. The largest batch x context that fits leaves `reserve` of every device for activations, compiled code and fragmentation.
+"cache_batch" axis. The largest batch x context that fits leaves `reserve` of every device for
+activations, compiled code and fragmentation.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `rules` on `mesh` if
     given, else the default device. A converted checkpoint is restored straight into them, and the model
     keeps them (`Mistral4` does not re-shard what it is given).
-    layer_loop, moe_backend, rules (`sharding.ShardingRules`, None = `sharding.DEFAULT_RULES`): see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
-    as `model.tokenizer` when present.
+    layer_loop, moe_backend, rules (`sharding.ShardingRules`, None = `sharding.DEFAULT_RULES`): see `Mistral4`.
+    The tokenizer (tekken.json or tokenizer.json in `path`) is attached as `model.tokenizer` when present.
     Vision: an HF `mistral3` checkpoint's vision tower and projector (`vision_config` in config.json, tensors
     `vision_tower.*` / `multi_modal_projector.*`), or those a converted checkpoint holds, are loaded as
     `model.vision_config` / `model.vision_params`, stored in `dtype` (bfloat16 when `dtype` is FP8) and
@@ -61,7 +61,8 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     config = checkpoint.read_config(path) if converted else Mistral4Config.from_json(os.path.join(path, "config.json"))
     floats = checkpoint.read_manifest(path).get("float_weights", []) if converted else []
     if shardings is None and mesh is not None:
-        shardings = param_shardings(config, mesh, jdtype, DEFAULT_RULES if rules is None else rules, float_weights=floats)
+        shardings = param_shardings(config, mesh, jdtype, DEFAULT_RULES if rules is None else rules,
+                                    float_weights=floats)
     elif shardings is not None:
         shardings = checkpoint.resolve_shardings(shardings, config, jdtype, M.abstract_params(config, jdtype, floats))
     if converted:
