@@ -14,13 +14,14 @@ import numpy as np
 from . import model as M
 from .config import Mistral4Config
 from .distributed import to_host
-from .model.vision import check_image_token_count, image_features, num_image_tokens
+from .model.vision import check_image_token_count, image_features, num_image_tokens, param_axes as vision_param_axes
 from .serve.chat import has_image_parts, parse_answer
 from .serve.chat.session import ChatResult, ChatSession
 from .serve.generate import Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
 from .serve.sampling import SamplingParams
 from .model import param_shardings
+from .sharding import DEFAULT_RULES, ShardingRules, tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,12 @@ class Mistral4:
 
     `dtype` is the storage dtype of the parameters, `compute_dtype` the dtype of activations.
     `mesh`: a ("data", "expert", "tensor") mesh (`sharding.make_mesh`) to shard the parameters over
-    (placed by the rules table; experts run expert-parallel); None = one device.
+    (experts run expert-parallel); None = one device.
+    `rules`: the `sharding.ShardingRules` that lay out parameters, cache, batch, the expert-parallel MoE
+    and the vision tower on `mesh` (None = `sharding.DEFAULT_RULES`); kept as `model.rules`.
+    `shardings`: where the parameters go, a `Sharding` or a tree of them matching `params`; None = the
+    rules' layout on `mesh` (`param_shardings`), or where they are without a mesh. Arrays already placed
+    there are not copied (so `weights.load(..., shardings=)` keeps the placement it restored into).
     `layer_loop`: "scan" runs the stacked layers under `lax.scan` (compile time flat in depth),
     "unroll" unstacks them into per-layer arrays and unrolls the loop (compile time grows with depth;
     on CPU much faster, because XLA:CPU copies each layer's weights out of the stack where the scan
@@ -74,7 +80,7 @@ class Mistral4:
 
     def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
                  mesh: Any = None, layer_loop: str = "auto", vision_config: Any = None, vision_params: Any = None,
-                 moe_backend: str = "auto") -> None:
+                 moe_backend: str = "auto", rules: ShardingRules | None = None, shardings: Any = None) -> None:
         if layer_loop not in ("auto", "scan", "unroll"):
             raise ValueError(f"layer_loop must be 'auto', 'scan' or 'unroll', got {layer_loop!r}")
         self.moe_backend = M.resolve_moe_backend(moe_backend, mesh)
@@ -82,9 +88,12 @@ class Mistral4:
             layer_loop = "unroll" if mesh is None and jax.default_backend() == "cpu" else "scan"
         self.config = config
         self.dtype = resolve_dtype(dtype)
-        if mesh is not None:
+        self.rules = DEFAULT_RULES if rules is None else rules
+        if shardings is None and mesh is not None:
             floats = M.stored_float_weights(config, params)
-            params = jax.device_put(params, param_shardings(config, mesh, self.dtype, float_weights=floats))
+            shardings = param_shardings(config, mesh, self.dtype, self.rules, float_weights=floats)
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
         self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
         self.mesh = mesh
@@ -104,8 +113,8 @@ class Mistral4:
                 raise ValueError(f"image_token_index {vision_config.image_token_index} is outside the vocabulary "
                                  f"[0, {config.vocab_size})")
             placement = None
-            if mesh is not None:  # the tower is small: replicated on every device of the mesh
-                placement = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            if mesh is not None:  # by the rules; the default lists no vision axes: replicated (the tower is small)
+                placement = tree_shardings(mesh, vision_param_axes(vision_config), self.rules, "vision/")
             self.vision_params = jax.device_put(vision_params, placement)
             self.image_processor = ImageProcessor.from_vision_config(vision_config)
 
@@ -167,7 +176,7 @@ class Mistral4:
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
         """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code)."""
         return M.forward(params, self.config, input_ids, positions, key_valid, dtype=self.compute_dtype,
-                         mesh=self.mesh, moe_backend=self.moe_backend, **kwargs)
+                         mesh=self.mesh, moe_backend=self.moe_backend, rules=self.rules, **kwargs)
 
     def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False,
                       image_features: jax.Array | None = None):

@@ -1,9 +1,11 @@
-"""Meshes, the logical-axis rules table, and the expert-parallel MoE.
+"""Meshes and the logical-axis rules (`ShardingRules`, `DEFAULT_RULES`).
 
 Every parameter and cache array carries logical axis names (`model.param_axes`, `model.CACHE_AXES`).
-`RULES` maps each logical name onto a mesh axis of the ("data", "expert", "tensor") mesh; changing
-that one table is all it takes to try another layout. jit propagates shardings everywhere except the
-routed experts, which run under `shard_map` (`model.moe.sharded_routed_experts`).
+A `ShardingRules` value maps each logical name onto a mesh axis of the ("data", "expert", "tensor")
+mesh; the model carries one (`Mistral4(..., rules=)`, default `DEFAULT_RULES`) and passes it to every
+parameter, cache, batch and shard_map layout, so another value is all it takes to try another layout.
+jit propagates shardings everywhere except the routed experts, which run under `shard_map`
+(`model.moe.sharded_routed_experts`).
 
 Layout: experts over `expert` and their hidden dimension over `tensor`; attention heads, the shared
 expert, dense MLPs and the vocabulary over `tensor`; the batch (and the KV cache's batch) over `data`.
@@ -11,6 +13,7 @@ expert, dense MLPs and the vocabulary over `tensor`; the batch (and the KV cache
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +27,44 @@ from .config import Mistral4Config
 
 MESH_AXES = ("data", "expert", "tensor")
 
-RULES: dict[str, str | None] = {
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axis (None = replicated): a frozen, hashable value (a static argument of jit).
+
+    `ShardingRules({"batch": "data", ...})` or from (logical, mesh axis) pairs; logical names it does not
+    list are replicated. `DEFAULT_RULES.replace(heads=None)` is another layout.
+    """
+
+    table: tuple[tuple[str, str | None], ...]
+
+    def __post_init__(self) -> None:
+        pairs = tuple(dict(self.table).items())
+        for name, axis in pairs:
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"sharding rules: {name!r} maps to unknown mesh axis {axis!r}; axes are {', '.join(MESH_AXES)}")
+        object.__setattr__(self, "table", pairs)
+
+    def get(self, name: str | None) -> str | None:
+        """The mesh axis of logical axis `name` (None for None, an unlisted name, or a replicated one)."""
+        return dict(self.table).get(name) if name is not None else None
+
+    def spec(self, axes: Sequence[str | None], what: str = "array") -> P:
+        """PartitionSpec of an array (`what` names it in errors) whose dims carry logical names `axes`;
+        ValueError if two of them map to one mesh axis."""
+        mesh_axes = [self.get(a) for a in axes]
+        for i, axis in enumerate(mesh_axes):
+            if axis is not None and axis in mesh_axes[:i]:
+                first = axes[mesh_axes.index(axis)]
+                raise ValueError(f"colliding mesh axis {axis!r}: logical axes {first!r} and {axes[i]!r} of {what}")
+        return P(*mesh_axes)
+
+    def replace(self, **changes: str | None) -> ShardingRules:
+        """These rules with `changes` (logical axis=mesh axis or None) applied; new logical names are added."""
+        return ShardingRules({**dict(self.table), **changes})
+
+
+DEFAULT_RULES = ShardingRules({
     # activations and cache
     "batch": "data",
     "cache_batch": "data",
@@ -46,8 +86,8 @@ RULES: dict[str, str | None] = {
     "router_experts": None,
     "experts": "expert",
     "expert_mlp": "tensor",
-}
-"""Logical axis -> mesh axis (None = replicated). The one table that decides the layout."""
+})
+"""Today's layout (module docstring): experts over `expert`, tensor parallelism over `tensor`, the batch over `data`."""
 
 
 def parse_mesh(spec: str | dict[str, int], num_devices: int | None = None) -> dict[str, int]:
@@ -101,12 +141,7 @@ def make_mesh(spec: str | dict[str, int] = "data=-1", devices: Sequence[Any] | N
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def spec_for(axes: Sequence[str | None], rules: dict[str, str | None] = RULES) -> P:
-    """PartitionSpec of an array whose dims carry logical names `axes`."""
-    return P(*(rules.get(a) if a is not None else None for a in axes))
-
-
-def check_divisible(abstract: Any, axes: Any, mesh: dict[str, int], rules: dict[str, str | None] = RULES) -> None:
+def check_divisible(abstract: Any, axes: Any, mesh: dict[str, int], rules: ShardingRules = DEFAULT_RULES) -> None:
     """ValueError naming the parameter and axis when a mesh axis does not divide the dimension it shards."""
     flat_axes = jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
     flat = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(abstract))
@@ -114,7 +149,7 @@ def check_divisible(abstract: Any, axes: Any, mesh: dict[str, int], rules: dict[
         key = jax.tree_util.keystr(path)
         shape = flat[key].shape
         for dim, name in zip(shape, names):
-            mesh_axis = rules.get(name) if name else None
+            mesh_axis = rules.get(name)
             if mesh_axis and dim % mesh[mesh_axis]:
                 raise ValueError(
                     f"parameter {key}: its {name!r} dimension ({dim}) is not divisible by mesh axis "
@@ -122,7 +157,19 @@ def check_divisible(abstract: Any, axes: Any, mesh: dict[str, int], rules: dict[
                 )
 
 
-def batch_spec(mesh: Mesh, batch: int, ndim: int) -> P:
-    """Batch over `data` when it divides, else replicated: a spec for a [B, ...] activation."""
-    axis = RULES["batch"]
+def path_name(keys: tuple) -> str:
+    """"layers_moe/attn/q_b_proj" of a pytree key path."""
+    return "/".join(str(getattr(k, "key", k)) for k in keys)
+
+
+def tree_shardings(mesh: Mesh, axes: Any, rules: ShardingRules = DEFAULT_RULES, prefix: str = "") -> Any:
+    """A NamedSharding by `rules` for every leaf of a tree of logical-axis tuples (errors name the leaf by
+    `prefix` + its path)."""
+    return jax.tree_util.tree_map_with_path(lambda k, a: NamedSharding(mesh, rules.spec(a, prefix + path_name(k))),
+                                            axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_spec(mesh: Mesh, batch: int, ndim: int, rules: ShardingRules = DEFAULT_RULES) -> P:
+    """A spec for a [B, ...] activation: the batch over `rules`' "batch" mesh axis when it divides, else replicated."""
+    axis = rules.get("batch")
     return P(axis if axis and batch % mesh.shape[axis] == 0 else None, *([None] * (ndim - 1)))

@@ -89,9 +89,24 @@ def test_restore_onto_mesh(ckpts, case, dtype, read_as):
 
 
 def test_load_onto_mesh_uses_the_rules_table(ckpts):
-    """`load(path, mesh=...)` restores straight into `sharding.RULES`' layout (the forward on a mesh is
+    """`load(path, mesh=...)` restores straight into `sharding.DEFAULT_RULES`' layout (the forward on a mesh is
     tested in test_sharding.py)."""
     m = sharding.make_mesh("data=1,expert=2,tensor=2", jax.devices()[:4])
     model = mistral4_jax.load(ckpts["float8_e4m3fn"], dtype="float8_e4m3fn", mesh=m)
     targets = mistral4_jax.model.param_shardings(CFG, m, jax.numpy.float8_e4m3fn)
     _check(model.params, checkpoint.restore_params(ckpts["float8_e4m3fn"])[1], targets)
+
+
+def test_load_keeps_the_given_shardings(ckpts):
+    """`load(path, mesh=, shardings=)`: the parameters stay where `shardings` puts them (not re-sharded by
+    the rules), and the logits are those of the rules' layout."""
+    m = sharding.make_mesh("data=1,expert=2,tensor=2", jax.devices()[:4])
+    everywhere = NamedSharding(m, PartitionSpec())
+    model = mistral4_jax.load(ckpts["bfloat16"], mesh=m, shardings=everywhere)
+    moe = model.params["layers_moe"]
+    for x in (moe["moe"]["experts_gate"], moe["attn"]["q_b_proj"], model.params["embed"]):
+        assert x.sharding.is_equivalent_to(everywhere, x.ndim), x.sharding
+    ids = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 7))
+    ruled = mistral4_jax.load(ckpts["bfloat16"], mesh=m)
+    assert not ruled.params["layers_moe"]["moe"]["experts_gate"].sharding.is_fully_replicated
+    np.testing.assert_allclose(model.logits(ids), ruled.logits(ids), atol=1e-5, rtol=0)

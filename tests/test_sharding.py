@@ -10,7 +10,7 @@ import pytest
 import mistral4_jax
 from mistral4_jax import Mistral4
 from mistral4_jax.weights import hf
-from mistral4_jax.sharding import make_mesh, parse_mesh
+from mistral4_jax.sharding import DEFAULT_RULES, make_mesh, parse_mesh
 from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
 
 CFG = TINY.replace(num_attention_heads=8, first_k_dense_replace=1, num_hidden_layers=3,
@@ -81,3 +81,34 @@ def test_bad_meshes_fail_clearly(reference):
     six = CFG.replace(n_routed_experts=6, num_experts_per_tok=2)
     with pytest.raises(ValueError, match=r"'experts' dimension \(6\) is not divisible by mesh axis expert=4"):
         Mistral4(six, None, mesh=make_mesh("expert=4,tensor=2"))
+
+
+def test_two_logical_axes_on_one_mesh_axis_are_refused(reference):
+    with pytest.raises(ValueError, match=r"^colliding mesh axis 'tensor': logical axes 'q_lora' and 'heads' of "
+                                         r"layers_dense/attn/q_b_proj$"):
+        Mistral4(CFG, reference[0], mesh=make_mesh("data=1,expert=1,tensor=8"), rules=DEFAULT_RULES.replace(q_lora="tensor"))
+
+
+def test_other_rules_change_the_layout_not_the_logits(reference):
+    """Attention heads replicated instead of split over `tensor`: same logits."""
+    params, ids, logits, *_ = reference
+    model = Mistral4(CFG, params, mesh=make_mesh("data=1,expert=1,tensor=8"), rules=DEFAULT_RULES.replace(heads=None))
+    assert model.params["layers_moe"]["attn"]["q_b_proj"].sharding.is_fully_replicated
+    assert not model.params["layers_moe"]["moe"]["experts_gate"].sharding.is_fully_replicated  # expert_mlp still split
+    np.testing.assert_allclose(model.logits(ids), logits, atol=1e-4, rtol=0)
+
+
+def _compiled_forward(model: Mistral4, ids: np.ndarray) -> str:
+    return model._forward.lower(model.params, ids, np.ones_like(ids), False).compile().as_text()
+
+
+def test_moe_shard_map_follows_the_rules(reference):
+    """Experts (and their hidden units) replicated on an expert mesh: the shard_map splits nothing, so the
+    compiled forward has no all-reduce (the default rules split the experts and psum them), same logits."""
+    params, ids, logits, *_ = reference
+    m = make_mesh("data=1,expert=8,tensor=1")
+    assert "all-reduce" in _compiled_forward(Mistral4(CFG, params, mesh=m), ids)
+    model = Mistral4(CFG, params, mesh=m, rules=DEFAULT_RULES.replace(experts=None, expert_mlp=None))
+    assert model.params["layers_moe"]["moe"]["experts_gate"].sharding.is_fully_replicated
+    assert "all-reduce" not in _compiled_forward(model, ids)
+    np.testing.assert_allclose(model.logits(ids), logits, atol=1e-4, rtol=0)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..config import Mistral4Config
-from ..sharding import RULES
+from ..sharding import DEFAULT_RULES, ShardingRules
 from .params import layer_groups
 
 
@@ -30,15 +30,15 @@ CACHE_AXES = {"valid": ("cache_batch", "cache_seq"),
 """Logical axes of the cache arrays (the per-group (latent, k_rope) pair and `valid`)."""
 
 
-def cache_shardings(mesh: Mesh, cache: dict[str, Any], rules: dict[str, str | None] = RULES) -> Any:
-    """NamedSharding for a cache from `model.init_cache` (batch over `data` when it divides)."""
-    def fit(axes: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
-        spec = [rules.get(a) for a in axes]
-        spec = [s if s is None or d % mesh.shape[s] == 0 else None for s, d in zip(spec, shape)]
-        return NamedSharding(mesh, P(*spec))
+def cache_shardings(mesh: Mesh, cache: dict[str, Any], rules: ShardingRules = DEFAULT_RULES) -> Any:
+    """NamedSharding for a cache from `model.init_cache` by `rules` (a dimension its mesh axis does not
+    divide, e.g. the batch, is replicated)."""
+    def fit(kind: str, shape: tuple[int, ...], what: str) -> NamedSharding:
+        spec = rules.spec(CACHE_AXES[kind], f"cache {what}")
+        return NamedSharding(mesh, P(*(s if s is None or d % mesh.shape[s] == 0 else None for s, d in zip(spec, shape))))
 
-    out = {"valid": fit(CACHE_AXES["valid"], cache["valid"].shape)}
+    out = {"valid": fit("valid", cache["valid"].shape, "valid")}
     for name, pair in cache.items():
         if name != "valid":
-            out[name] = (fit(CACHE_AXES["latent"], pair[0].shape), fit(CACHE_AXES["k_rope"], pair[1].shape))
+            out[name] = (fit("latent", pair[0].shape, f"{name}/latent"), fit("k_rope", pair[1].shape, f"{name}/k_rope"))
     return out

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import Mistral4Config
-from ..sharding import batch_spec
+from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec
 from .vision import scatter_image_features
 from .layers import decoder_layer, rms_norm
 from .moe import resolve_moe_backend
@@ -40,6 +40,7 @@ def forward(
     image_features: Array | None = None,
     image_token_index: int = 10,
     moe_backend: str = "auto",
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> tuple[Array, Array | None, dict[str, Any] | None]:
     """The decoder: embed, layer groups, final norm, lm_head.
 
@@ -56,7 +57,7 @@ def forward(
     `last_only`: logits of the last token only; `logits_at` [B] int: of token `logits_at[b]` of each row
     only (the last real token of a right-padded chunk). Both give logits [B, 1, X].
     `moe_backend`: the routed experts' kernel (`resolve_moe_backend`: "auto" = "loop" on CPU, "ragged"
-    on TPU/GPU).
+    on TPU/GPU). `rules`: the layout of the activations and the expert-parallel MoE on `mesh`.
     Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
     """
     embed = params["embed"]
@@ -64,7 +65,7 @@ def forward(
     if image_features is not None:
         h = scatter_image_features(h, input_ids, image_features, image_token_index)
     if mesh is not None:
-        h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(mesh, batch_spec(mesh, h.shape[0], 3)))
+        h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(mesh, batch_spec(mesh, h.shape[0], 3, rules)))
     seq_len = jnp.max(jnp.where(key_valid, positions, 0), axis=-1) + 1  # [B] (dynamic and longrope rope)
     cos, sin = rope_cos_sin(cfg, positions, seq_len)
     qscale = llama4_query_scale(cfg, positions)
@@ -85,7 +86,8 @@ def forward(
 
         def body(h, xs):
             p, lc = xs
-            return decoder_layer(p, h, cos, sin, qscale, mask, cfg, dtype, mesh, moe_backend, lc, index, decode)
+            return decoder_layer(p, h, cos, sin, qscale, mask, cfg, dtype, mesh, moe_backend, lc, index, decode,
+                                 rules)
 
         if isinstance(params[name], list):
             outs = []

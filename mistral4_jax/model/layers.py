@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ..activations import ACTIVATIONS
 from ..config import Mistral4Config
+from ..sharding import DEFAULT_RULES, ShardingRules
 from ..weights.quant import dequantize, qeinsum
 from .moe import route, routed_experts, sharded_routed_experts
 from .rope import apply_rope
@@ -91,17 +92,17 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array,
 
 
 def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
-        backend: str = "loop") -> tuple[Array, Array]:
+        backend: str = "loop", rules: ShardingRules = DEFAULT_RULES) -> tuple[Array, Array]:
     """Routed experts (fused [E, ...] arrays) plus the shared expert; x [B, T, D] -> ([B, T, D], ids [B, T, K])
     in x's dtype.
     `backend`: the routed experts' kernel, "loop" or "ragged" (`routed_experts`); with a `mesh` they run
-    expert-parallel (`sharded_routed_experts`)."""
+    expert-parallel (`sharded_routed_experts`, laid out by `rules`)."""
     b, t, d = x.shape
     weights, ids = route(qeinsum("btd,de->bte", x, p["router"]).reshape(b * t, -1), cfg)
     experts = (x.reshape(b * t, d), ids, weights, p["experts_gate"], p["experts_up"], p["experts_down"])
     act = ACTIVATIONS[cfg.hidden_act]
     if mesh is not None:
-        y = sharded_routed_experts(mesh, *experts, act=act, backend=backend)
+        y = sharded_routed_experts(mesh, *experts, act=act, backend=backend, rules=rules)
     else:
         y = routed_experts(*experts, act=act, backend=backend)
     y = y.reshape(b, t, d) + mlp(p["shared_expert"], x, cfg)
@@ -110,7 +111,7 @@ def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
 
 def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, mask: Array, cfg: Mistral4Config,
                   dtype: Any, mesh: Any = None, moe_backend: str = "loop", cache: tuple[Array, Array] | None = None,
-                  index: Array | int = 0, decode: bool = False):
+                  index: Array | int = 0, decode: bool = False, rules: ShardingRules = DEFAULT_RULES):
     """h + attn(norm(h)), then + ffn(norm(h)), the ffn the MoE if p has one, else the dense MLP.
     h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache))."""
     x = rms_norm(p["input_norm"], h, cfg.rms_norm_eps, dtype)
@@ -118,7 +119,7 @@ def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, ma
     h = h + a
     x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps, dtype)
     if "moe" in p:
-        y, ids = moe(p["moe"], x, cfg, mesh, moe_backend)
+        y, ids = moe(p["moe"], x, cfg, mesh, moe_backend, rules)
     else:
         y, ids = mlp(p["mlp"], x, cfg), None
     return h + y, (ids, cache)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ..config import Mistral4Config
-from ..sharding import RULES
+from ..sharding import DEFAULT_RULES, ShardingRules
 from ..weights.quant import QuantArray, dequantize
 
 Array = jax.Array
@@ -242,9 +242,12 @@ EXPERT_ROWS_SLACK = 1.25
 
 def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: jax.Array,
                            gate: Weight, up: Weight, down: Weight,
-                           act: Any = jax.nn.silu, backend: str = "loop") -> jax.Array:
+                           act: Any = jax.nn.silu, backend: str = "loop",
+                           rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
     """Expert-parallel `routed_experts` under `shard_map`: x [T, D] -> [T, D].
 
+    The specs follow `rules`: experts over its "experts" axis, their hidden units over its "expert_mlp"
+    axis, tokens over its "batch" axis; below, the default layout (`sharding.DEFAULT_RULES`).
     Each (expert, tensor) shard holds E/expert experts with F/tensor of their hidden units and computes
     them for every token routed to them (tokens are replicated across `expert` and `tensor`, split over
     `data`); one `psum` over ("expert", "tensor") adds the partial outputs. We chose psum over an
@@ -257,10 +260,12 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     each shard's grouped matmuls take `EXPERT_ROWS_SLACK` x its even share (T*K / expert shards) of
     the copies per call, looping in the rare case that more were routed to it.
     """
-    ep = mesh.shape["expert"]
+    e_ax, f_ax, tok = rules.get("experts"), rules.get("expert_mlp"), rules.get("batch")
+    ep = mesh.shape[e_ax] if e_ax else 1
     local = gate.shape[0] // ep
-    tok = RULES["batch"] if x.shape[0] % mesh.shape["data"] == 0 else None
-    e_ax, f_ax = RULES["experts"], RULES["expert_mlp"]
+    tok = tok if tok and x.shape[0] % mesh.shape[tok] == 0 else None
+    up_spec = rules.spec(("experts", None, "expert_mlp"), "the routed experts' gate/up")
+    down_spec = rules.spec(("experts", "expert_mlp", None), "the routed experts' down")
 
     manual = tuple(a for a in (e_ax, f_ax) if a)
     t_local = x.shape[0] // (mesh.shape[tok] if tok else 1)
@@ -278,8 +283,8 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(tok, None), P(tok, None), P(tok, None), _expert_spec(gate, P(e_ax, None, f_ax)),
-                  _expert_spec(up, P(e_ax, None, f_ax)), _expert_spec(down, P(e_ax, f_ax, None))),
+        in_specs=(P(tok, None), P(tok, None), P(tok, None), _expert_spec(gate, up_spec), _expert_spec(up, up_spec),
+                  _expert_spec(down, down_spec)),
         out_specs=P(tok, None),
     )(x, ids, weights, gate, up, down)
 

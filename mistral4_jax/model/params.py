@@ -16,10 +16,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from ..config import Mistral4Config
-from ..sharding import RULES, check_divisible, spec_for
+from ..sharding import DEFAULT_RULES, ShardingRules, check_divisible, path_name, tree_shardings
 from ..weights.quant import QUANT_DTYPES, QuantArray, is_quant, is_quantized, scale_shape
 
 Array = jax.Array
@@ -182,30 +182,25 @@ def init_params(cfg: Mistral4Config, key: Array, param_dtype: Any = jnp.float32,
 
 
 def param_shardings(cfg: Mistral4Config, mesh: Mesh, param_dtype: Any = jnp.float32,
-                    rules: dict[str, str | None] = RULES, float_weights: Sequence[str] = ()) -> Any:
-    """NamedSharding for every parameter (FP8 `float_weights` as `param_specs`); checks first that each
-    sharded dimension divides evenly."""
+                    rules: ShardingRules = DEFAULT_RULES, float_weights: Sequence[str] = ()) -> Any:
+    """NamedSharding for every parameter by `rules` (FP8 `float_weights` as `param_specs`); checks first that
+    each sharded dimension divides evenly and that no array has two logical axes on one mesh axis."""
     axes = param_axes(cfg, param_dtype, float_weights)
     check_divisible(abstract_params(cfg, param_dtype, float_weights), axes, dict(mesh.shape), rules)
-    return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, spec_for(a, rules)), axes,
-                                  is_leaf=lambda x: isinstance(x, tuple))
+    return tree_shardings(mesh, axes, rules)
 
 
 # -------------------------------------------------------------------------------- stored trees
-def _path(keys: tuple) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in keys)
-
-
 def quantized_paths(cfg: Mistral4Config) -> list[str]:
     """Paths ("layers_moe/attn/kv_a_proj") of the weights that a quantised `param_dtype` stores as `QuantArray`s."""
     flat = jax.tree_util.tree_flatten_with_path(param_specs(cfg, QUANT_DTYPES[0]), is_leaf=_is_spec)[0]
-    return [_path(keys) for keys, spec in flat if spec.scale is not None]
+    return [path_name(keys) for keys, spec in flat if spec.scale is not None]
 
 
 def stored_float_weights(cfg: Mistral4Config, params: dict[str, Any]) -> tuple[str, ...]:
     """The `float_weights` of a stacked parameter tree (arrays or `ShapeDtypeStruct`s): the `quantized_paths`
     that `params` holds as plain arrays, if it holds any `QuantArray` at all, else ()."""
-    held = {_path(keys): x for keys, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quant)[0]}
+    held = {path_name(keys): x for keys, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quant)[0]}
     if not any(is_quant(x) for x in held.values()):
         return ()
     return tuple(sorted(p for p in quantized_paths(cfg) if not is_quant(held.get(p))))

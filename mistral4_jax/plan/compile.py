@@ -5,9 +5,10 @@
     print(format_compiled(plan))          # or `mistral4-jax plan --compile v5e-16 ...`
 
 Nothing is allocated: parameters and KV cache are `jax.ShapeDtypeStruct`s carrying the `NamedSharding`s of
-`sharding.RULES` on a mesh of the target's devices (`jax.experimental.topologies`), and
-`jax.jit(step).lower(...).compile()` runs XLA's TPU or GPU compiler on this machine. TPU targets need
-libtpu (the `tpu-aot` extra), GPU targets jax's CUDA plugin (the `gpu-aot` extra, ~5.5 GB).
+`rules` (default `sharding.DEFAULT_RULES`) on a mesh of the target's devices
+(`jax.experimental.topologies`), and `jax.jit(step).lower(...).compile()` runs XLA's TPU or GPU compiler
+on this machine. TPU targets need libtpu (the `tpu-aot` extra), GPU targets jax's CUDA plugin (the
+`gpu-aot` extra, ~5.5 GB).
 
 Two programs are compiled per target: one decode step (B tokens attending a `context`-slot latent cache,
 the cache donated) and one prefill chunk (B x T tokens written into the cache at slot 0, last logits only).
@@ -57,7 +58,7 @@ from .. import model as M
 from ..api import resolve_dtype
 from ..config import Mistral4Config
 from ..model import cache_shardings, param_shardings
-from ..sharding import MESH_AXES, batch_spec, make_mesh, parse_mesh
+from ..sharding import DEFAULT_RULES, MESH_AXES, ShardingRules, batch_spec, make_mesh, parse_mesh
 from .memory import GiB, decode_reads, memory_plan
 
 log = logging.getLogger(__name__)
@@ -303,27 +304,29 @@ def _unstacked(params: Any) -> Any:
     return out
 
 
-def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode):
+def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode, rules):
     """One decode step (decode=True) or prefill chunk written at slot `index`: logits, updated cache."""
     logits, _, cache = M.forward(params, cfg, tokens, positions, jnp.ones(tokens.shape, bool), cache=cache, index=index,
-                                 decode=decode, last_only=not decode, dtype=compute_dtype, mesh=mesh)
+                                 decode=decode, last_only=not decode, dtype=compute_dtype, mesh=mesh,
+                                 rules=rules)
     return logits, cache
 
 
 def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, cache_dtype: Any, batch: int, tokens: int,
-              context: int, decode: bool, unrolled: bool) -> tuple[Any, float]:
+              context: int, decode: bool, unrolled: bool, rules: ShardingRules) -> tuple[Any, float]:
     """Compile one step: (the compiled program or the compiler's RESOURCE_EXHAUSTED message, seconds)."""
-    params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype))
+    params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype, rules))
     if unrolled:
         params = _unstacked(params)
     cache_shapes = jax.eval_shape(functools.partial(M.init_cache, cfg, batch, context, cache_dtype))
-    cache_sh = cache_shardings(mesh, cache_shapes)
+    cache_sh = cache_shardings(mesh, cache_shapes, rules)
     cache = _abstract(cache_shapes, cache_sh)
-    rows = NamedSharding(mesh, batch_spec(mesh, batch, 2))
+    rows = NamedSharding(mesh, batch_spec(mesh, batch, 2, rules))
     ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=rows)
     index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    fn = jax.jit(functools.partial(_step, cfg=cfg, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, decode=decode),
-                 donate_argnums=1, out_shardings=(NamedSharding(mesh, batch_spec(mesh, batch, 3)), cache_sh))
+    fn = jax.jit(functools.partial(_step, cfg=cfg, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, decode=decode,
+                                   rules=rules),
+                 donate_argnums=1, out_shardings=(NamedSharding(mesh, batch_spec(mesh, batch, 3, rules)), cache_sh))
     log.info("compiling %s: %d layers%s, batch %d x %d tokens, %d-slot cache", "decode" if decode else "prefill",
              cfg.num_hidden_layers, " unrolled" if unrolled else "", batch, tokens, context)
     t0 = time.perf_counter()
@@ -413,10 +416,10 @@ def _memory(fig: StepFigures, compiled: Any) -> None:
     fig.total_bytes = fig.argument_bytes + fig.output_bytes - fig.alias_bytes + fig.temp_bytes + fig.code_bytes
 
 
-def _param_argument_bytes(cfg: Mistral4Config, mesh: Any, dtype: Any) -> int:
+def _param_argument_bytes(cfg: Mistral4Config, mesh: Any, dtype: Any, rules: ShardingRules) -> int:
     """The compiler's argument bytes per device of the parameters alone (with its padding and layouts):
     a program that takes them and returns a constant."""
-    params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype))
+    params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype, rules))
     compiled = jax.jit(lambda p: jnp.zeros((), jnp.int32), keep_unused=True).lower(params).compile()
     return int(compiled.memory_analysis().argument_size_in_bytes)
 
@@ -435,6 +438,7 @@ def compile_plan(
     layers: int | None = None,
     layer_loop: str = "scan",
     cost: bool = True,
+    rules: ShardingRules = DEFAULT_RULES,
 ) -> CompiledPlan:
     """Compile a decode step and a prefill chunk of `config` for `target` and collect the figures.
 
@@ -447,7 +451,7 @@ def compile_plan(
     up to that many). layer_loop: "scan" compiles the program as it runs on accelerators (layers under
     `lax.scan`) and, unless cost=False, takes flops, bytes and collectives from two more compiles with one
     and two unrolled layers per group; "unroll" compiles the layers unrolled and reads them from that one
-    program (compile time grows with depth: for reduced-depth models).
+    program (compile time grows with depth: for reduced-depth models). rules: the layout (`sharding.ShardingRules`).
     """
     cfg = config if isinstance(config, Mistral4Config) else Mistral4Config.from_json(config)
     source = "(given)" if isinstance(config, Mistral4Config) else os.fspath(config)
@@ -472,16 +476,17 @@ def compile_plan(
     dtype, compute_dtype = resolve_dtype(dtype, "dtype"), resolve_dtype(compute_dtype, "compute dtype")
     cache_dtype = resolve_dtype(cache_dtype, "cache dtype") if cache_dtype is not None else (
         jnp.bfloat16 if M.is_fp8(dtype) else dtype)
-    plan = memory_plan(cfg, sizes, dtype, cache_dtype, batch, context)  # also checks the mesh divides the weights
+    plan = memory_plan(cfg, sizes, dtype, cache_dtype, batch, context, rules=rules)  # also checks the mesh divides the weights
     device_mesh = make_mesh(sizes, devices=target_devices(target))
-    weight_bytes = _param_argument_bytes(cfg, device_mesh, dtype)
+    weight_bytes = _param_argument_bytes(cfg, device_mesh, dtype, rules)
     chunk = chunk or min(context, 4096)
     figures = []
     for step in steps:
         decode = step == "decode"
         tokens, slots = (1, context) if decode else (chunk, max(context, chunk))
         compile_at = functools.partial(_compiled, mesh=device_mesh, dtype=dtype, compute_dtype=compute_dtype,
-                                       cache_dtype=cache_dtype, batch=batch, tokens=tokens, context=slots, decode=decode)
+                                       cache_dtype=cache_dtype, batch=batch, tokens=tokens, context=slots, decode=decode,
+                                       rules=rules)
         compiled, seconds = compile_at(cfg, unrolled=layer_loop == "unroll")
         fig = StepFigures(step, batch, tokens, slots, fits=not isinstance(compiled, str), compile_s=round(seconds, 2))
         if isinstance(compiled, str):
@@ -490,7 +495,7 @@ def compile_plan(
             _memory(fig, compiled)
             fig.fits = fig.total_bytes <= target.hbm_bytes
         if decode:
-            reads = decode_reads(cfg, sizes, dtype, cache_dtype, batch, slots)
+            reads = decode_reads(cfg, sizes, dtype, cache_dtype, batch, slots, rules)
             fig.reads_expected, fig.reads_worst = reads.expected, reads.worst
         if cost and fig.error is None and layer_loop == "unroll":
             fig.flops, fig.bytes_accessed, coll, has_loop = _cost(compiled)

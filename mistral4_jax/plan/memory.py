@@ -1,9 +1,10 @@
 """Memory plan from abstract shapes only (nothing is allocated): weights and KV cache per device.
 
 Per parameter, the bytes on one device are its bytes divided by the sizes of the mesh axes its
-logical axes map to (`sharding.RULES`); replicated dimensions count in full. The KV cache holds
-kv_lora + qk_rope numbers per token per layer, with the batch over `data`. The largest batch x context
-that fits leaves `reserve` of every device for activations, compiled code and fragmentation.
+logical axes map to (`rules`, default `sharding.DEFAULT_RULES`); replicated dimensions count in full.
+The KV cache holds kv_lora + qk_rope numbers per token per layer, with the batch over the rules'
+"cache_batch" axis. The largest batch x context that fits leaves `reserve` of every device for
+activations, compiled code and fragmentation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..config import Mistral4Config
 from ..model import abstract_params, layer_groups, param_axes
-from ..sharding import MESH_AXES, RULES, check_divisible
+from ..sharding import DEFAULT_RULES, MESH_AXES, ShardingRules, check_divisible
 from ..weights.quant import is_quant
 
 GiB = 1024**3
@@ -65,45 +66,46 @@ class MemoryPlan:
 
 
 def memory_plan(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfloat16, cache_dtype: Any = None,
-                batch: int = 1, context: int = 8192, hbm_per_device: int | None = None, reserve: float = 0.1) -> MemoryPlan:
+                batch: int = 1, context: int = 8192, hbm_per_device: int | None = None, reserve: float = 0.1,
+                rules: ShardingRules = DEFAULT_RULES) -> MemoryPlan:
     """Bytes per device for weights and KV cache on a mesh of `mesh` sizes (see module docstring)."""
     mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
     total = per_device = 0
-    for _, leaf, names in _param_leaves(cfg, dtype, mesh):
-        nbytes, device = _leaf_bytes(leaf, names, mesh)
+    for key, leaf, names in _param_leaves(cfg, dtype, mesh, rules):
+        nbytes, device = _leaf_bytes(leaf, names, mesh, rules, key)
         total += nbytes
         per_device += device
     count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(cfg, dtype), is_leaf=is_quant))
     cache_dtype = _cache_dtype(dtype, cache_dtype)
     kv_token = _kv_bytes_per_token(cfg, cache_dtype)
-    kv_device = _kv_bytes_per_device(kv_token, mesh, batch, context)
+    kv_device = _kv_bytes_per_device(kv_token, mesh, batch, context, rules)
     max_tokens = fits = None
     if hbm_per_device is not None:
         free = hbm_per_device * (1 - reserve) - per_device
-        data = mesh["data"] if batch % mesh["data"] == 0 else 1
-        max_tokens = max(0, int(free // kv_token)) * data
+        max_tokens = max(0, int(free // kv_token)) * _cache_rows_split(mesh, batch, rules)
         fits = free >= kv_device
     return MemoryPlan(mesh, jnp.dtype(dtype).name, jnp.dtype(cache_dtype).name, count, total, per_device, kv_token,
                       kv_device, batch, context, hbm_per_device, max_tokens, fits)
 
 
-def _param_leaves(cfg: Mistral4Config, dtype: Any, mesh: dict[str, int]) -> list[tuple[str, Any, tuple[str, ...]]]:
+def _param_leaves(cfg: Mistral4Config, dtype: Any, mesh: dict[str, int],
+                  rules: ShardingRules) -> list[tuple[str, Any, tuple[str, ...]]]:
     """(key path, ShapeDtypeStruct, logical axes) of every array (a `QuantArray`'s values and scale apart);
     ValueError if the mesh does not divide one."""
     abstract = abstract_params(cfg, dtype)
     axes = param_axes(cfg, dtype)
-    check_divisible(abstract, axes, mesh)
+    check_divisible(abstract, axes, mesh, rules)
     leaves = jax.tree_util.tree_leaves_with_path(abstract)
     axis_leaves = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
     return [(jax.tree_util.keystr(path), leaf, names) for (path, leaf), names in zip(leaves, axis_leaves)]
 
 
-def _leaf_bytes(leaf: Any, names: tuple[str, ...], mesh: dict[str, int]) -> tuple[int, int]:
-    """(bytes in all, bytes on one device) of a parameter whose dims carry logical `names`."""
+def _leaf_bytes(leaf: Any, names: tuple[str, ...], mesh: dict[str, int], rules: ShardingRules,
+                what: str) -> tuple[int, int]:
+    """(bytes in all, bytes on one device) of parameter `what` whose dims carry logical `names`."""
     nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
     split = 1
-    for name in names:
-        axis = RULES.get(name) if name else None
+    for axis in rules.spec(names, what):
         if axis:
             split *= mesh[axis]
     return nbytes, -(-nbytes // split)
@@ -119,10 +121,15 @@ def _kv_bytes_per_token(cfg: Mistral4Config, cache_dtype: Any) -> int:
     return layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(cache_dtype).itemsize
 
 
-def _kv_bytes_per_device(kv_token: int, mesh: dict[str, int], batch: int, context: int) -> int:
-    """The cache is split over `data` by batch row (when the batch divides) and replicated elsewhere."""
-    data = mesh["data"] if batch % mesh["data"] == 0 else 1
-    return batch * context * kv_token // data
+def _cache_rows_split(mesh: dict[str, int], batch: int, rules: ShardingRules) -> int:
+    """Over how many devices the cache's batch rows are split (its "cache_batch" axis, when the batch divides)."""
+    axis = rules.get("cache_batch")
+    return mesh[axis] if axis and batch % mesh[axis] == 0 else 1
+
+
+def _kv_bytes_per_device(kv_token: int, mesh: dict[str, int], batch: int, context: int, rules: ShardingRules) -> int:
+    """The cache is split by batch row (`_cache_rows_split`) and replicated elsewhere."""
+    return batch * context * kv_token // _cache_rows_split(mesh, batch, rules)
 
 
 @dataclasses.dataclass
@@ -150,7 +157,7 @@ class DecodeReads:
 
 
 def decode_reads(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfloat16, cache_dtype: Any = None,
-                 batch: int = 1, context: int = 8192) -> DecodeReads:
+                 batch: int = 1, context: int = 8192, rules: ShardingRules = DEFAULT_RULES) -> DecodeReads:
     """What one device of `mesh` must read per decode step of `batch` rows over a `context`-slot cache.
 
     Each device holds local = E / expert routed experts per layer (F split over `tensor`). A token picks
@@ -160,19 +167,20 @@ def decode_reads(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfl
     """
     mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    local = e // mesh[RULES["experts"]] if RULES["experts"] else e
+    local = e // mesh[rules.get("experts")] if rules.get("experts") else e
     expected = local * (1 - (1 - k / e) ** batch)
     worst = min(local, batch * k)
     weights = experts = 0
-    for key, leaf, names in _param_leaves(cfg, dtype, mesh):
-        _, device = _leaf_bytes(leaf, names, mesh)
+    for key, leaf, names in _param_leaves(cfg, dtype, mesh, rules):
+        _, device = _leaf_bytes(leaf, names, mesh, rules, key)
         if "experts" in names:
             experts += device
         elif key == "['embed']" and not cfg.tie_word_embeddings:
             weights += batch * leaf.shape[1] * np.dtype(leaf.dtype).itemsize
         else:
             weights += device
-    kv_device = _kv_bytes_per_device(_kv_bytes_per_token(cfg, _cache_dtype(dtype, cache_dtype)), mesh, batch, context)
+    kv_device = _kv_bytes_per_device(_kv_bytes_per_token(cfg, _cache_dtype(dtype, cache_dtype)), mesh, batch, context,
+                                     rules)
     return DecodeReads(weights, int(experts * expected / local), experts * worst // local, kv_device, expected, worst)
 
 

@@ -270,7 +270,7 @@ class Generator:
         if self.model.mesh is not None:
             from ..model import cache_shardings
 
-            cache = jax.device_put(cache, cache_shardings(self.model.mesh, cache))
+            cache = jax.device_put(cache, cache_shardings(self.model.mesh, cache, self.model.rules))
         return cache
 
     def grow(self, cache: dict[str, Any], length: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ..config import Mistral4Config
 from ..model.vision import vision_dtype
 from ..model.vision_config import VisionConfig
 from ..model import param_shardings
+from ..sharding import DEFAULT_RULES, ShardingRules
 from .hf import HFReader, fp8_block_size, is_vision_name, read_params
 from .safetensors import TensorIndex
 from .vision import read_vision_params
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = None, mesh: Any = None,
-         shardings: Any = None, layer_loop: str = "auto", text_only: bool = False, moe_backend: str = "auto") -> Mistral4:
+         shardings: Any = None, layer_loop: str = "auto", text_only: bool = False, moe_backend: str = "auto",
+         rules: ShardingRules | None = None) -> Mistral4:
     """Load a model from a converted checkpoint (`mistral4-jax convert`, has a manifest.json) or from an HF
     checkpoint directory (config.json + safetensors).
 
@@ -38,10 +40,11 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
     (bfloat16 for FP8 weights).
     mesh: the device mesh the model runs on (`sharding.make_mesh`). shardings: where each parameter is
     placed while loading, as `checkpoint.restore_params` accepts (one `Sharding`, a tree of them, or a
-    callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `sharding.RULES` on
-    `mesh` if given, else the default device. A converted checkpoint is restored straight into them.
-    layer_loop, moe_backend: see `Mistral4`. The tokenizer (tekken.json or tokenizer.json in `path`) is attached
-    as `model.tokenizer` when present.
+    callable (logical axes, ShapeDtypeStruct) -> Sharding); default: the layout of `rules` on `mesh` if
+    given, else the default device. A converted checkpoint is restored straight into them, and the model
+    keeps them (`Mistral4` does not re-shard what it is given).
+    layer_loop, moe_backend, rules (`sharding.ShardingRules`, None = `sharding.DEFAULT_RULES`): see `Mistral4`.
+    The tokenizer (tekken.json or tokenizer.json in `path`) is attached as `model.tokenizer` when present.
     Vision: an HF `mistral3` checkpoint's vision tower and projector (`vision_config` in config.json, tensors
     `vision_tower.*` / `multi_modal_projector.*`), or those a converted checkpoint holds, are loaded as
     `model.vision_config` / `model.vision_params`, stored in `dtype` (bfloat16 when `dtype` is FP8) and
@@ -56,24 +59,22 @@ def load(path: str | os.PathLike, dtype: Any = "float32", compute_dtype: Any = N
         raise ValueError(f"{path}: FP8 weights load from a converted checkpoint: "
                          f"run `mistral4-jax convert {path} DST --dtype float8_e4m3fn` first")
     config = checkpoint.read_config(path) if converted else Mistral4Config.from_json(os.path.join(path, "config.json"))
+    floats = checkpoint.read_manifest(path).get("float_weights", []) if converted else []
     if shardings is None and mesh is not None:
-        floats = checkpoint.read_manifest(path).get("float_weights", []) if converted else []
-        shardings = param_shardings(config, mesh, jdtype, float_weights=floats)
+        shardings = param_shardings(config, mesh, jdtype, DEFAULT_RULES if rules is None else rules,
+                                    float_weights=floats)
+    elif shardings is not None:
+        shardings = checkpoint.resolve_shardings(shardings, config, jdtype, M.abstract_params(config, jdtype, floats))
     if converted:
         config, params = checkpoint.restore_params(path, jdtype, shardings)
     else:
-        params = read_params(path, config, np.dtype(jdtype))
-        if shardings is None:
-            params = jax.device_put(params)
-        else:
-            abstract = M.abstract_params(config, jdtype)
-            params = jax.device_put(params, checkpoint.resolve_shardings(shardings, config, jdtype, abstract))
+        params = jax.device_put(read_params(path, config, np.dtype(jdtype)), shardings)
     log.info("loaded %s (%d layers) from %s", type(config).__name__, config.num_hidden_layers, path)
     vcfg, vparams = (None, None) if text_only else _load_vision(path, converted, vision_dtype(jdtype))
     if compute_dtype is None and M.is_fp8(jdtype):
         compute_dtype = default_compute_dtype(jnp.bfloat16)
     model = Mistral4(config, params, dtype=jdtype, compute_dtype=compute_dtype, mesh=mesh, layer_loop=layer_loop,
-                     vision_config=vcfg, vision_params=vparams, moe_backend=moe_backend)
+                     vision_config=vcfg, vision_params=vparams, moe_backend=moe_backend, rules=rules, shardings=shardings)
     model.tokenizer = _find_tokenizer(path)
     return model
 
