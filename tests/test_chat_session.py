@@ -10,7 +10,6 @@ from jax._src import dispatch
 
 import mistral4_jax
 from mistral4_jax.serve.chat.session import common_prefix
-from mistral4_jax.serve.generate import cache_slots
 from mistral4_jax.cli.demo import write_synthetic_tekken
 from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
 
@@ -85,10 +84,10 @@ def test_growth_fallback_and_no_stop_token(pair, monkeypatch):
     chat = model.chat_session(max_new_tokens=4, prefill_chunk=16, min_cache=32, stop_token_ids=[])
     prefilled = count_prefill(monkeypatch, model.generator)
     first = chat.send("Hello")
-    assert cache_slots(chat._cache) == 32
+    assert chat._cache.slots == 32
     second = chat.send("Tell me a long story about a cat and a dog")
     ids1, ids2 = tok.encode_chat(chat.messages[:1]), tok.encode_chat(chat.messages[:3])
-    assert cache_slots(chat._cache) == 64
+    assert chat._cache.slots == 64
     # this answer's text tokenizes differently from its ids: the turn re-prefills from where they differ
     assert len(ids1) <= second.cached_tokens == common_prefix(ids2, ids1 + first.token_ids[:-1]) < len(ids1) + 3
     assert sum(prefilled[1:]) == len(ids2) - second.cached_tokens

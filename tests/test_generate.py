@@ -74,7 +74,7 @@ def test_absorbed_decode_equals_expanded_forward(pair, prompts):
     _, _, cache2 = prefill(model.params, seq[:, :t0], pos[:, :t0], cache2)
     logits, _, _ = decode(model.params, seq[:, t0:], pos[:, t0:], cache2, jnp.int32(t0))
     np.testing.assert_allclose(np.asarray(logits[0]), full[t0:], atol=1e-4)
-    assert cache["layers_moe"][0].shape == (CFG.num_moe_layers, 1, s + 3, CFG.kv_lora_rank)
+    assert cache.groups["layers_moe"].latent.shape == (CFG.num_moe_layers, 1, s + 3, CFG.kv_lora_rank)
 
 
 def test_chunks_after_a_cached_prefix_equal_transformers(pair, prompts):

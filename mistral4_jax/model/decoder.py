@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ..config import Mistral4Config
 from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec
 from .vision import scatter_image_features
+from .cache import Cache, LayerCache
 from .layers import decoder_layer, rms_norm
 from .moe import resolve_moe_backend
 from .params import layer_groups
@@ -30,7 +31,7 @@ def forward(
     positions: Array,
     key_valid: Array,
     *,
-    cache: dict[str, Any] | None = None,
+    cache: Cache | None = None,
     index: Array | int = 0,
     decode: bool = False,
     last_only: bool = False,
@@ -41,7 +42,7 @@ def forward(
     image_token_index: int = 10,
     moe_backend: str = "auto",
     rules: ShardingRules = DEFAULT_RULES,
-) -> tuple[Array, Array | None, dict[str, Any] | None]:
+) -> tuple[Array, Array | None, Cache | None]:
     """The decoder: embed, layer groups, final norm, lm_head.
 
     input_ids, positions [B, T] int; key_valid [B, T] bool (False = padding).
@@ -70,19 +71,18 @@ def forward(
     cos, sin = rope_cos_sin(cfg, positions, seq_len)
     qscale = llama4_query_scale(cfg, positions)
     t = input_ids.shape[1]
+    groups: dict[str, LayerCache] = {}
     if cache is not None:
-        cache = dict(cache)
-        cache["valid"] = jax.lax.dynamic_update_slice_in_dim(cache["valid"], key_valid, index, axis=1)
+        cache = cache.replace(valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, key_valid, index, axis=1))
     if decode:
-        s = cache["valid"].shape[1]
-        slot_ok = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-        mask = cache["valid"][:, None, :] & slot_ok[None]
+        slot_ok = jnp.arange(cache.slots)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+        mask = cache.valid[:, None, :] & slot_ok[None]
     else:
         mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
     expert_ids = None
     moe_backend = resolve_moe_backend(moe_backend, mesh)
     for name, _, moe in layer_groups(cfg):
-        group_cache = None if cache is None else cache[name]
+        group_cache = None if cache is None else cache.groups[name]
 
         def body(h, xs):
             p, lc = xs
@@ -92,16 +92,17 @@ def forward(
         if isinstance(params[name], list):
             outs = []
             for i, p in enumerate(params[name]):
-                lc = None if group_cache is None else (group_cache[0][i], group_cache[1][i])
+                lc = None if group_cache is None else LayerCache(group_cache.latent[i], group_cache.k_rope[i])
                 h, out = body(h, (p, lc))
                 outs.append(out)
             ids = None if not moe else jnp.stack([o[0] for o in outs])
-            new_cache = None if group_cache is None else tuple(jnp.stack([o[1][j] for o in outs]) for j in range(2))
+            new_cache = None if group_cache is None else jax.tree.map(lambda *x: jnp.stack(x), *[o[1] for o in outs])
         else:
             h, (ids, new_cache) = jax.lax.scan(body, h, (params[name], group_cache))
-        if cache is not None:
-            cache[name] = new_cache
+        groups[name] = new_cache
         expert_ids = ids if moe else expert_ids
+    if cache is not None:
+        cache = cache.replace(groups=groups)
     if last_only:
         h = h[:, -1:]
     elif logits_at is not None:

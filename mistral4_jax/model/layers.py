@@ -21,6 +21,7 @@ from ..activations import ACTIVATIONS
 from ..config import Mistral4Config
 from ..sharding import DEFAULT_RULES, ShardingRules
 from ..weights.quant import dequantize, qeinsum
+from .cache import LayerCache
 from .moe import route, routed_experts, sharded_routed_experts
 from .rope import apply_rope
 
@@ -49,7 +50,7 @@ def _attend(scores: Array, scale: Array, mask: Array, dtype: Any) -> Array:
 
 
 def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array, cfg: Mistral4Config, dtype: Any,
-        cache: tuple[Array, Array] | None = None, index: Array | int = 0, decode: bool = False):
+        cache: LayerCache | None = None, index: Array | int = 0, decode: bool = False):
     """Multi-head latent attention: low-rank q and kv, one rope key shared by all heads.
 
     x [B, T, D], cos/sin [B, T, R/2], qscale [B, T] -> ([B, T, D], cache).
@@ -57,7 +58,8 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array,
     With `decode`: attention over the whole latent cache (mask [B, T, S]) with `kv_b_proj` absorbed into
     the query (scores) and the output (values), never expanding the cache per head. T may be > 1: a chunk
     of new tokens then attends to the cached prefix and to itself (causally, through the mask).
-    `cache` = (latent [B, S, L], k_rope [B, S, R]) or None; the new tokens are written at slot `index`.
+    `cache` = this layer's `LayerCache` (latent [B, S, L], k_rope [B, S, R]) or None; the new tokens are
+    written at slot `index`.
     """
     c = cfg
     p_dims, lat = c.qk_nope_head_dim, c.kv_lora_rank
@@ -74,11 +76,12 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, mask: Array,
     k_b, v_b = dequantize(p["k_b_proj"], dtype), dequantize(p["v_b_proj"], dtype)  # [L, N, P], [L, N, V]
     scale = qscale[:, None, :, None] * c.softmax_scale
     if cache is not None:
-        cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], latent.astype(cache[0].dtype), index, axis=1),
-                 jax.lax.dynamic_update_slice_in_dim(cache[1], k_rope.astype(cache[1].dtype), index, axis=1))
+        cache = LayerCache(
+            jax.lax.dynamic_update_slice_in_dim(cache.latent, latent.astype(cache.latent.dtype), index, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(cache.k_rope, k_rope.astype(cache.k_rope.dtype), index, axis=1))
     if decode:
         assert cache is not None, "decode attends over a cache"
-        lat_s, rope_s = cache[0].astype(dtype), cache[1].astype(dtype)  # [B, S, L], [B, S, R]
+        lat_s, rope_s = cache.latent.astype(dtype), cache.k_rope.astype(dtype)  # [B, S, L], [B, S, R]
         q_lat = jnp.einsum("btnp,lnp->btnl", q_nope, k_b)
         scores = jnp.einsum("btnl,bsl->bnts", q_lat, lat_s) + jnp.einsum("btnr,bsr->bnts", q_rope, rope_s)
         ctx = jnp.einsum("bnts,bsl->btnl", _attend(scores, scale, mask, dtype), lat_s)
@@ -110,7 +113,7 @@ def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
 
 
 def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, mask: Array, cfg: Mistral4Config,
-                  dtype: Any, mesh: Any = None, moe_backend: str = "loop", cache: tuple[Array, Array] | None = None,
+                  dtype: Any, mesh: Any = None, moe_backend: str = "loop", cache: LayerCache | None = None,
                   index: Array | int = 0, decode: bool = False, rules: ShardingRules = DEFAULT_RULES):
     """h + attn(norm(h)), then + ffn(norm(h)), the ffn the MoE if p has one, else the dense MLP.
     h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache))."""

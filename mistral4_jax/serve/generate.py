@@ -124,16 +124,13 @@ class CompiledFn:
         return self.executable(*args)(*args)
 
 
-def cache_slots(cache: Any) -> int:
-    """The number of slots S of a model cache (`model.init_cache`, [B, S, ...])."""
-    return cache["valid"].shape[1]
 
 
 @struct.dataclass
 class DecodeState:
     """The carry of the decode loop (`lax.while_loop`), for B rows and N new-token slots.
 
-    cache    the model's latent cache, [B, S slots, ...] (`model.init_cache`)
+    cache    the model's latent cache (`model.Cache`: valid [B, S], per group latent/k_rope [Lg, B, S, .])
     tokens   int32 [B, N]  generated tokens; tokens[:, i] is each row's token i (0 after a row is done)
     step     int32 []      tokens generated so far (the next one goes to tokens[:, step])
     start    int32 []      cache slot of tokens[:, 0] (the same for every row)
@@ -175,16 +172,16 @@ class Generator:
         self.cache_dtype = cache_dtype or model.compute_dtype
         self._prefill = CompiledFn(
             self._prefill_impl, lambda p, ids, m, cache, *a: f"prefill for batch {ids.shape[0]} x {ids.shape[1]} tokens, "
-            f"{cache_slots(cache)}-slot cache", self._announce, donate_argnames=("cache",))
+            f"{cache.slots}-slot cache", self._announce, donate_argnames=("cache",))
         self._extend = CompiledFn(
             self._extend_impl, lambda p, cache, ids, n, i, tokens, *a: f"chat prefill for {ids.shape[1]}-token chunks, "
-            f"{cache_slots(cache)}-slot cache, {tokens.shape[1]} new tokens", self._announce, donate_argnames=("cache",))
+            f"{cache.slots}-slot cache, {tokens.shape[1]} new tokens", self._announce, donate_argnames=("cache",))
         self._decode = CompiledFn(
             self._decode_impl, lambda p, st, *a: f"decode loop for batch {st.tokens.shape[0]} x "
-            f"{st.tokens.shape[1]} new tokens, {cache_slots(st.cache)}-slot cache", self._announce,
+            f"{st.tokens.shape[1]} new tokens, {st.cache.slots}-slot cache", self._announce,
             donate_argnames=("state",))
         self._grow = CompiledFn(
-            self._grow_impl, lambda old, new: f"cache growth from {cache_slots(old)} to {cache_slots(new)} slots",
+            self._grow_impl, lambda old, new: f"cache growth from {old.slots} to {new.slots} slots",
             self._announce, donate_argnames=("new",))
 
     @property
@@ -264,20 +261,18 @@ class Generator:
         return jax.tree_util.tree_map(lambda o, n: jax.lax.dynamic_update_slice(n, o, (0,) * n.ndim), old, new)
 
     # ------------------------------------------------------------------------------------ host
-    def new_cache(self, batch: int, length: int) -> dict[str, Any]:
+    def new_cache(self, batch: int, length: int) -> M.Cache:
         """An empty cache [batch, length slots] in the cache dtype, placed on the model's mesh if any."""
         cache = M.init_cache(self.model.config, batch, length, self.cache_dtype)
         if self.model.mesh is not None:
-            from ..model import cache_shardings
-
-            cache = jax.device_put(cache, cache_shardings(self.model.mesh, cache, self.model.rules))
+            cache = jax.device_put(cache, M.cache_shardings(self.model.mesh, cache, self.model.rules))
         return cache
 
-    def grow(self, cache: dict[str, Any], length: int) -> dict[str, Any]:
+    def grow(self, cache: M.Cache, length: int) -> M.Cache:
         """The cache copied into a larger one of `length` slots (the old one is consumed)."""
-        return self._grow(cache, self.new_cache(cache["valid"].shape[0], length))
+        return self._grow(cache, self.new_cache(cache.batch, length))
 
-    def extend(self, cache: dict[str, Any], ids: np.ndarray, n: int, index: int, tokens: np.ndarray,
+    def extend(self, cache: M.Cache, ids: np.ndarray, n: int, index: int, tokens: np.ndarray,
                settings: tuple[Any, ...], image_features: Any = None) -> DecodeState:
         """Prefill chunk ids [B, C] (n real tokens, then padding) at cache slot `index` (see `_extend_impl`).
         settings = (sampling arrays, seeds, stop ids, max_new) as `settings` makes them. Returns the decode

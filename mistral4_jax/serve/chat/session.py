@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...distributed import to_host
-from ..generate import Request, Stream, bucket, cache_slots
+from ..generate import Request, Stream, bucket
 from ..sampling import SamplingParams
 from .tools import parse_answer
 
@@ -138,7 +138,7 @@ class ChatSession:
         cache, self._cache, self._cached = self._cache, None, []  # consumed below; a failed turn starts over
         if cache is None:
             cache = gen.new_cache(1, size)
-        elif size > cache_slots(cache):
+        elif size > cache.slots:
             cache = gen.grow(cache, size)
         settings = gen.settings([self.request], self.stop_token_ids)
         tokens = np.zeros((1, bucket(max_new)), np.int32)
