@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from mistral4_jax import Mistral4Config
-from mistral4_jax.plan import compile as aot
+from mistral4_jax.plan import compile as aot, targets
 from mistral4_jax.cli import main
 from mistral4_jax.plan.memory import decode_reads, memory_plan
 
@@ -97,16 +97,16 @@ def test_too_big_reports_does_not_fit_with_the_figure(capsys):
 
 
 def test_parse_targets():
-    t = aot.parse_target("v5e-16")
+    t = targets.parse_target("v5e-16")
     assert (t.platform, t.chips, t.topology, t.hbm_bytes) == ("tpu", 16, "v5e:4x4", 16 * 1024**3)
-    t = aot.parse_target("v5p-8")  # v5p names count TensorCores: 4 chips
+    t = targets.parse_target("v5p-8")  # v5p names count TensorCores: 4 chips
     assert (t.chips, t.topology, t.chip_config) == (4, "v5:2x2x1", "megacore")
-    assert aot.parse_target("v6e-8").topology == "v6e:2x4" and aot.parse_target("v5e-256").chips == 256
-    assert aot.parse_target("v5e:2x2").name == "v5e-4"
-    t = aot.parse_target("8xH200")
+    assert targets.parse_target("v6e-8").topology == "v6e:2x4" and targets.parse_target("v5e-256").chips == 256
+    assert targets.parse_target("v5e:2x2").name == "v5e-4"
+    t = targets.parse_target("8xH200")
     assert (t.platform, t.chips, t.topology, t.hbm_bytes, t.hbm_bandwidth) == ("gpu", 8, "1x1x8", 151397597184, 4.8e12)
-    assert aot.parse_target("16xH100").topology == "1x2x8"
-    assert aot.default_mesh(aot.parse_target("v5e-16"), Mistral4Config.from_json(REAL)) == {"data": 1, "expert": 8, "tensor": 2}
+    assert targets.parse_target("16xH100").topology == "1x2x8"
+    assert targets.default_mesh(targets.parse_target("v5e-16"), Mistral4Config.from_json(REAL)) == {"data": 1, "expert": 8, "tensor": 2}
 
 
 @pytest.mark.parametrize("name", ["v5x-16", "v5e-12", "v5p-6", "v5e:2x2x2", "8xA999", "12xH200", "tpu"])
@@ -134,18 +134,18 @@ def test_missing_or_mismatched_libtpu_names_the_extra(monkeypatch, capsys):
             raise importlib.metadata.PackageNotFoundError(name)
         return real_version(name)
 
-    monkeypatch.setattr(aot.importlib.metadata, "version", missing)
+    monkeypatch.setattr(targets.importlib.metadata, "version", missing)
     assert main(["plan", "--config", REAL, "--compile", "v5e-4", "--layers", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "libtpu, which is not installed" in err and "mistral4-jax[tpu-aot]" in err
-    monkeypatch.setattr(aot.importlib.metadata, "version", lambda n: "0.0.1" if n == "libtpu" else real_version(n))
+    monkeypatch.setattr(targets.importlib.metadata, "version", lambda n: "0.0.1" if n == "libtpu" else real_version(n))
     with pytest.raises(ValueError, match=r"libtpu 0.0.1 does not match jax .* \(which needs libtpu==.*mistral4-jax\[tpu-aot\]"):
-        aot.check_libtpu()
+        targets.check_libtpu()
 
 
 def test_missing_cuda_plugin_names_the_extra(monkeypatch):
     real_find = importlib.util.find_spec
-    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda n, *a: None if n == "jax_cuda12_plugin" else real_find(n, *a))
+    monkeypatch.setattr(targets.importlib.util, "find_spec", lambda n, *a: None if n == "jax_cuda12_plugin" else real_find(n, *a))
     with pytest.raises(ValueError, match=r"jax's CUDA plugin, which is not installed: pip install 'jax\[cuda12\]==.*'mistral4-jax\[gpu-aot\]'"):
         aot.compile_plan(REAL, "8xH200", layers=1)
 
