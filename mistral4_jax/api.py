@@ -14,7 +14,8 @@ import numpy as np
 from . import model as M
 from .config import Mistral4Config
 from .distributed import to_host
-from .model.vision import check_image_token_count, image_features, num_image_tokens, param_axes as vision_param_axes
+from .model.vision import check_image_token_count, image_features, param_axes as vision_param_axes
+from .model.vision_packing import num_image_tokens
 from .serve.chat import has_image_parts, parse_answer
 from .serve.chat.session import ChatResult, ChatSession
 from .serve.generate import Generator, Request, bucket

@@ -25,7 +25,7 @@ import transformers
 from PIL import Image
 from transformers.models.pixtral import image_processing_pil_pixtral
 
-from mistral4_jax.model import vision as V
+from mistral4_jax.model import vision as V, vision_packing as VP
 from mistral4_jax.serve import image as I
 from mistral4_jax.weights import vision as WV
 from mistral4_jax.weights.hf import HFReader, is_vision_name
@@ -244,7 +244,7 @@ def test_tower_matches_hf(hf, vcfg, params, sizes, block):
     pv, image_sizes = _batch(images)
     with torch.no_grad():
         ref = hf[0].model.vision_tower(pv, image_sizes=image_sizes).last_hidden_state[0].numpy()
-    packed = V.pack_images(images, vcfg, bucket=16)
+    packed = VP.pack_images(images, vcfg, bucket=16)
     assert packed.num_patches == ref.shape[0] and packed.patches.shape[0] % 16 == 0
     ours = V.encode(params, vcfg, packed.patches, packed.positions, packed.segments, attn_block=block)
     np.testing.assert_allclose(np.asarray(ours)[: packed.num_patches], ref, atol=ATOL)
@@ -254,7 +254,7 @@ def test_tower_matches_hf(hf, vcfg, params, sizes, block):
 def test_projector_matches_hf(hf, vcfg, params):
     images = _pixels((24, 32), (16, 40), (12, 12))  # the last one: 3x3 patches, one 2x2 window
     _, image_sizes = _batch(images)
-    packed = V.pack_images(images, vcfg)
+    packed = VP.pack_images(images, vcfg)
     feats = np.random.default_rng(1).standard_normal((packed.num_patches, vcfg.hidden_size)).astype(np.float32)
     with torch.no_grad():
         ref = hf[0].model.multi_modal_projector(torch.tensor(feats), image_sizes).numpy()
@@ -310,7 +310,7 @@ def test_real_config_shapes():
     assert abstract["projector"]["merging_layer"].shape == (4, 1024, 1024)
     assert abstract["projector"]["linear_2"].shape == (4096, 4096)
     assert 0.42e9 < V.count_params(real) < 0.44e9
-    assert V.num_image_tokens(1540, 1036, real) == (55, 37)
+    assert VP.num_image_tokens(1540, 1036, real) == (55, 37)
 
 
 def test_scatter_image_features():
