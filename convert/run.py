@@ -1,5 +1,5 @@
 """The conversion: plan every output array lazily (checking the whole source first), then write one
-piece (the globals, then one layer) at a time through `checkpoint.CheckpointWriter`.
+piece (the globals, then one layer) at a time through `weights.writer.CheckpointWriter`.
 
 Peak memory is one layer in the output dtype plus one piece of source data (one expert, or a block of
 rows) and its float32 dequantisation: arrays are filled piece by piece in place.
@@ -47,6 +47,7 @@ from mistral4_jax.model.vision import vision_dtype
 from mistral4_jax.model.vision_config import VisionConfig
 from mistral4_jax.weights import hf
 from mistral4_jax.weights.vision import read_vision_params
+from mistral4_jax.weights.writer import CheckpointWriter, temporary_path
 from mistral4_jax.weights.quant import QuantArray, is_quant, is_quantized
 
 from .cli import OUTPUT_DTYPES
@@ -283,7 +284,7 @@ def convert(
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     dst = os.path.abspath(os.fspath(dst))
-    with _Sigint(ckpt.temporary_path(dst), dst) as sigint:
+    with _Sigint(temporary_path(dst), dst) as sigint:
         return _convert(src, dst, dtype, text_only, overwrite, resume, progress, sigint)
 
 
@@ -308,7 +309,7 @@ def _convert(src: str | os.PathLike, dst: str, dtype: str, text_only: bool, over
     identity = {"source_sha256": source.sha256, "dtype": dtype, "text_only": text_only,
                 "converter_version": mistral4_jax.__version__, "format_version": ckpt.FORMAT_VERSION}
     sigint.writing()
-    writer = ckpt.CheckpointWriter(dst, identity, overwrite=overwrite, resume=resume)
+    writer = CheckpointWriter(dst, identity, overwrite=overwrite, resume=resume)
     _write_pieces(writer, lazy, targets, progress, sigint)
 
     def manifest(tmp: str) -> dict[str, Any]:
@@ -366,7 +367,7 @@ def read_vision(source: Source, vcfg: Any, target: dict[str, Any]) -> dict[str, 
     return read_vision_params(get, source.index.names(), vcfg, dt)
 
 
-def _write_pieces(writer: ckpt.CheckpointWriter, lazy: dict[str, Any], targets: dict[str, Any], progress: bool,
+def _write_pieces(writer: CheckpointWriter, lazy: dict[str, Any], targets: dict[str, Any], progress: bool,
                   sigint: _Sigint) -> None:
     from tqdm import tqdm
 
