@@ -44,10 +44,11 @@ class ShardingRules:
             if axis is not None and axis not in MESH_AXES:
                 raise ValueError(f"sharding rules: {name!r} maps to unknown mesh axis {axis!r}; axes are {', '.join(MESH_AXES)}")
         object.__setattr__(self, "table", pairs)
+        object.__setattr__(self, "_axes", dict(pairs))
 
     def get(self, name: str | None) -> str | None:
         """The mesh axis of logical axis `name` (None for None, an unlisted name, or a replicated one)."""
-        return dict(self.table).get(name) if name is not None else None
+        return self._axes.get(name) if name is not None else None
 
     def spec(self, axes: Sequence[str | None], what: str = "array") -> P:
         """PartitionSpec of an array (`what` names it in errors) whose dims carry logical names `axes`;
@@ -61,7 +62,7 @@ class ShardingRules:
 
     def replace(self, **changes: str | None) -> ShardingRules:
         """These rules with `changes` (logical axis=mesh axis or None) applied; new logical names are added."""
-        return ShardingRules({**dict(self.table), **changes})
+        return ShardingRules({**self._axes, **changes})
 
 
 DEFAULT_RULES = ShardingRules({

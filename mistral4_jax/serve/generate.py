@@ -124,8 +124,6 @@ class CompiledFn:
         return self.executable(*args)(*args)
 
 
-
-
 @struct.dataclass
 class DecodeState:
     """The carry of the decode loop (`lax.while_loop`), for B rows and N new-token slots.
@@ -139,7 +137,7 @@ class DecodeState:
     done     bool [B]      the row is finished: a stop token or its `max_new_tokens`
     """
 
-    cache: Any
+    cache: M.Cache
     tokens: jax.Array
     step: jax.Array
     start: jax.Array
