@@ -19,7 +19,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                           initialization_timeout=60, heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
+                           initialization_timeout=60, heartbeat_timeout_seconds=5, shutdown_timeout_seconds=10)
 if die and pid == 1:
     os._exit(3)
 
