@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import transformers
 
+import mistral4_jax
 from mistral4_jax import Mistral4Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,13 @@ def make_hf_model(cfg: Mistral4Config, seed: int = 0) -> transformers.Mistral4Fo
 def save_hf(model: transformers.PreTrainedModel, directory: str) -> str:
     model.save_pretrained(directory)
     return directory
+
+
+def hf_and_model(cfg: Mistral4Config, seed: int, directory: Any) -> tuple[transformers.Mistral4ForCausalLM, Any]:
+    """(a random transformers model for `cfg`, it saved to `directory` and loaded by mistral4_jax)."""
+    hf = make_hf_model(cfg, seed)
+    save_hf(hf, str(directory))
+    return hf, mistral4_jax.load(directory)
 
 
 def hf_greedy_batch(hf: transformers.PreTrainedModel, prompts: list[list[int]], new_tokens: int, eos: int,

@@ -16,7 +16,7 @@ from ..config import Mistral4Config
 from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec
 from .vision import scatter_image_features
 from .cache import Cache, LayerCache
-from .layers import decoder_layer, rms_norm
+from .layers import ATTN_BLOCK, decoder_layer, rms_norm
 from .moe import resolve_moe_backend
 from .params import layer_groups
 from .rope import llama4_query_scale, rope_cos_sin
@@ -42,6 +42,7 @@ def forward(
     image_token_index: int = 10,
     moe_backend: str = "auto",
     rules: ShardingRules = DEFAULT_RULES,
+    attn_block: int = ATTN_BLOCK,
 ) -> tuple[Array, Array | None, Cache | None]:
     """The decoder: embed, layer groups, final norm, lm_head.
 
@@ -59,8 +60,12 @@ def forward(
     only (the last real token of a right-padded chunk). Both give logits [B, 1, X].
     `moe_backend`: the routed experts' kernel (`resolve_moe_backend`: "auto" = "loop" on CPU, "ragged"
     on TPU/GPU). `rules`: the layout of the activations and the expert-parallel MoE on `mesh`.
+    `attn_block`: keys per attention block (`layers.mla`): attention temporaries grow with T x attn_block,
+    not with T x S (no [B, T, S] mask is built either).
     Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
     """
+    if attn_block < 1:
+        raise ValueError(f"attn_block must be a positive number of keys, got {attn_block}")
     embed = params["embed"]
     h = jnp.take(embed, input_ids, axis=0).astype(dtype)
     if image_features is not None:
@@ -74,11 +79,10 @@ def forward(
     groups: dict[str, LayerCache] = {}
     if cache is not None:
         cache = cache.replace(valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, key_valid, index, axis=1))
-    if decode:
-        slot_ok = jnp.arange(cache.slots)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-        mask = cache.valid[:, None, :] & slot_ok[None]
-    else:
-        mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & key_valid[:, None, :]
+    if decode:  # the cache's valid slots [B, S], query t at slot index + t
+        attn_valid, q_slot = cache.valid, index + jnp.arange(t)
+    else:  # the new tokens [B, T], query t at slot t
+        attn_valid, q_slot = key_valid, jnp.arange(t)
     expert_ids = None
     moe_backend = resolve_moe_backend(moe_backend, mesh)
     for name, _, moe in layer_groups(cfg):
@@ -86,8 +90,8 @@ def forward(
 
         def body(h, xs):
             p, lc = xs
-            return decoder_layer(p, h, cos, sin, qscale, mask, cfg, dtype, mesh, moe_backend, lc, index, decode,
-                                 rules)
+            return decoder_layer(p, h, cos, sin, qscale, attn_valid, q_slot, cfg, dtype, mesh, moe_backend, lc,
+                                 index, decode, rules, attn_block)
 
         if isinstance(params[name], list):
             outs = []
