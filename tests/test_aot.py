@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from mistral4_jax import Mistral4Config
-from mistral4_jax.plan import compile as aot, targets
+from mistral4_jax.plan import compile as aot, hlo, targets
 from mistral4_jax.cli import main
 from mistral4_jax.plan.memory import decode_reads, memory_plan
 
@@ -50,6 +50,8 @@ def test_decode_figures(compiled, cfg):
     # expected, at most 4 of the 32 this chip holds
     assert reads.experts_read_expected == pytest.approx(1.0) and reads.experts_read_worst == 4
     assert decode.bytes_accessed >= reads.weights + reads.cache
+    # what the step moves through HBM: every byte it must read (the 4 expert slots all taken), and little else
+    assert reads.worst <= decode.hbm_bytes <= 1.25 * reads.worst
     # the accelerator MoE backend (`moe_backend` "ragged" on TPU) has static shapes: no loop, so the counts are exact
     assert decode.flops > 0 and decode.cost_exact is True
     # expert parallelism adds each layer's partial outputs with one all-reduce of the token's [1, 4096] bf16
@@ -66,6 +68,70 @@ def test_prefill_figures(compiled):
     assert prefill.reads_expected is None and prefill.flops > 0
     bound = max(prefill.bytes_accessed / 819e9, prefill.flops / 197e12) * 1e3
     assert prefill.roofline_ms == pytest.approx(bound) and prefill.tokens_per_s == pytest.approx(16e3 / bound)
+
+
+def test_scanned_decode_reads_only_the_chosen_experts():
+    """The program as it runs (layers under `lax.scan`) moves about the bytes a decode step must read: the
+    scan must not copy each layer's stacked experts out of the [layers, E, ...] arrays (that copy, 4x the
+    must-read bytes, is what the old layout compiled to)."""
+    plan = aot.compile_plan(REAL, TARGET, mesh=MESH, dtype="float8_e4m3fn", batch=1, context=4096, layers=2,
+                            steps=("decode",), cost=False)
+    decode = plan.step("decode")
+    assert plan.layer_loop == "scan" and decode.fits
+    assert decode.reads_worst <= decode.hbm_bytes <= 1.25 * decode.reads_worst
+
+
+def test_hbm_bytes_walks_loops_slices_and_vmem():
+    """A 3-trip loop whose body slices one row out of a stacked weight (a fusion) and prefetches a VMEM copy; the
+    costlier branch of a conditional."""
+    text = """
+%fused_slice (param_0: f32[8,1024], param_1: s32[]) -> f32[1,1024] {
+  %param_0 = f32[8,1024]{1,0} parameter(0)
+  %param_1 = s32[]{:T(128)} parameter(1)
+  %c = s32[] constant(0)
+  ROOT %ds = f32[1,1024]{1,0} dynamic-slice(%param_0, %param_1, %c), dynamic_slice_sizes={1,1024}
+}
+
+%body (p: (s32[], f32[8,1024])) -> (s32[], f32[8,1024]) {
+  %p = (s32[], f32[8,1024]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = f32[8,1024]{1,0} get-tuple-element(%p), index=1
+  %row = f32[1,1024]{1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice
+  %cs = (f32[8,1024]{1,0}, f32[8,1024]{1,0:S(1)}, u32[]) copy-start(%w)
+  %cd = f32[8,1024]{1,0:S(1)} copy-done(%cs)
+  %v = f32[8,1024]{1,0:S(1)} add(%cd, %cd)
+  ROOT %t = (s32[], f32[8,1024]) tuple(%i, %w)
+}
+
+%cond (p: (s32[], f32[8,1024])) -> pred[] {
+  %p = (s32[], f32[8,1024]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%big (x: f32[256]) -> f32[256] {
+  %x = f32[256]{0} parameter(0)
+  ROOT %y = f32[256]{0} negate(%x)
+}
+
+%small (x: f32[256]) -> f32[256] {
+  %x = f32[256]{0} parameter(0)
+  ROOT %y = f32[256]{0} bitcast(%x)
+}
+
+ENTRY %main (a: (s32[], f32[8,1024]), b: s32[], x: f32[256]) -> f32[256] {
+  %a = (s32[], f32[8,1024]) parameter(0)
+  %b = s32[] parameter(1)
+  %x = f32[256]{0} parameter(2)
+  %w = (s32[], f32[8,1024]) while(%a), condition=%cond, body=%body
+  ROOT %r = f32[256]{0} conditional(%b, %x, %x), branch_computations={%big, %small}
+}
+"""
+    row, whole, vec, index = 1024 * 4, 8 * 1024 * 4, 256 * 4, 4
+    # per trip: the fusion reads one row (and its index) and writes one; the prefetch reads the weight from HBM once; the add
+    # works in VMEM. The conditional's costlier branch reads and writes the vector.
+    assert hlo.hbm_bytes(text) == 3 * (row + index + row + whole) + 2 * vec
 
 
 def test_decode_reads_partition_the_weights():
@@ -152,7 +218,7 @@ def test_missing_cuda_plugin_names_the_extra(monkeypatch):
 
 def test_parse_collectives():
     """Lines of compiled TPU and GPU programs: sync ops count their result, async starts their outputs."""
-    hlo = """
+    text = """
   %all-gather.11 = bf16[2048,4096]{1,0:T(8,128)(2,1)S(1)} all-gather(%param), channel_id=1, dimensions={1}
   ROOT %all-reduce = bf16[]{:T(256)} all-reduce(%convolution_reduce_fusion), channel_id=4, to_apply=%region_0.0.clone
   %all-gather-start = (bf16[65536,4096]{1,0}, bf16[131072,4096]{1,0}) all-gather-start(%param.17), channel_id=3
@@ -162,7 +228,7 @@ def test_parse_collectives():
   %cp = (f32[8,128]{1,0}, f32[8,128]{1,0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
   %fusion.3 = bf16[1,4096]{1,0} fusion(%all-reduce-done.2), kind=kLoop, calls=%fused_computation.3
 """
-    assert aot.parse_collectives(hlo) == {
+    assert hlo.parse_collectives(text) == {
         "all-gather": (2, 2048 * 4096 * 2 + 131072 * 4096 * 2),
         "all-reduce": (2, 2 + 4096 * 2),
         "collective-permute": (1, 8 * 128 * 4),

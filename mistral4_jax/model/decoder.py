@@ -22,6 +22,7 @@ from .params import layer_groups
 from .rope import llama4_query_scale, rope_cos_sin
 
 Array = jax.Array
+ROUTED_EXPERTS = ("experts_gate", "experts_up", "experts_down")
 
 
 def forward(
@@ -88,14 +89,19 @@ def forward(
     for name, _, moe in layer_groups(cfg):
         group_cache = None if cache is None else cache.groups[name]
 
-        def layer(p, h, lc):
+        def layer(p, h, lc, expert_layer=None):
             return decoder_layer(p, h, cos, sin, qscale, attn_valid, q_slot, cfg, dtype, mesh, moe_backend, lc,
-                                 index, decode, rules, attn_block)
+                                 index, decode, rules, attn_block, expert_layer)
+
+        stacked_experts = {} if not moe or isinstance(params[name], list) else {
+            k: v for k, v in params[name]["moe"].items() if k in ROUTED_EXPERTS}
 
         def body(carry, xs):  # the group cache rides in the carry, written t slots per layer in place
             h, gc = carry
             p, i = xs
-            h, (ids, lc) = layer(p, h, None if gc is None else _layer_slice(gc, i))
+            if stacked_experts:  # the routed experts stay whole [Lg, E, ...] (see `routed_experts`' `layer`)
+                p = {**p, "moe": {**p["moe"], **stacked_experts}}
+            h, (ids, lc) = layer(p, h, None if gc is None else _layer_slice(gc, i), i if stacked_experts else None)
             return (h, None if gc is None else _write_tokens(gc, lc, i, index, t)), ids
 
         if isinstance(params[name], list):  # unrolled: static slices in, restacked out (cheaper unrolled, on TPU
@@ -108,7 +114,10 @@ def forward(
                 group_cache = jax.tree.map(lambda *x: jnp.stack(x), *[o[1] for o in outs])
         else:
             n = len(jax.tree.leaves(params[name])[0])
-            (h, group_cache), ids = jax.lax.scan(body, (h, group_cache), (params[name], jnp.arange(n)))
+            xs = params[name]
+            if stacked_experts:
+                xs = {**xs, "moe": {k: v for k, v in xs["moe"].items() if k not in ROUTED_EXPERTS}}
+            (h, group_cache), ids = jax.lax.scan(body, (h, group_cache), (xs, jnp.arange(n)))
         groups[name] = group_cache
         expert_ids = ids if moe else expert_ids
     if cache is not None:

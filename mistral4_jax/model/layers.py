@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from ..activations import ACTIVATIONS
 from ..config import Mistral4Config
 from ..sharding import DEFAULT_RULES, ShardingRules
-from ..weights.quant import dequantize, qeinsum
+from ..weights.quant import qeinsum
 from .cache import LayerCache
 from .moe import route, routed_experts, sharded_routed_experts
 from .rope import apply_rope
@@ -116,7 +116,6 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
     kv = qeinsum("btd,dc->btc", x, p["kv_a_proj"])  # [B, T, L + R]
     latent = rms_norm(p["kv_a_norm"], kv[..., :lat], 1e-6, dtype)  # [B, T, L]
     k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, T, R]
-    k_b, v_b = dequantize(p["k_b_proj"], dtype), dequantize(p["v_b_proj"], dtype)  # [L, N, P], [L, N, V]
     scale = qscale[:, None, :, None] * c.softmax_scale
     if cache is not None:
         cache = LayerCache(
@@ -124,7 +123,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
             jax.lax.dynamic_update_slice_in_dim(cache.k_rope, k_rope.astype(cache.k_rope.dtype), index, axis=1))
     if decode:
         assert cache is not None, "decode attends over a cache"
-        q_lat = jnp.einsum("btnp,lnp->btnl", q_nope, k_b)
+        q_lat = qeinsum("btnp,lnp->btnl", q_nope, p["k_b_proj"])  # k_b [L, N, P]
 
         def scores(lat_s: Array, rope_s: Array) -> Array:  # cache blocks [B, S', L], [B, S', R]
             lat_s, rope_s = lat_s.astype(dtype), rope_s.astype(dtype)
@@ -134,23 +133,23 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
             return jnp.einsum("bnts,bsl->btnl", probs, lat_s.astype(dtype))
 
         ctx = _attend(scores, values, (cache.latent, cache.k_rope), key_valid, q_slot, scale, dtype, attn_block)
-        out = jnp.einsum("btnl,lnv->btnv", ctx, v_b)
+        out = qeinsum("btnl,lnv->btnv", ctx, p["v_b_proj"])  # v_b [L, N, V]
     else:
         def scores(lat_s: Array, rope_s: Array) -> Array:  # new-token blocks [B, S', L], [B, S', R]
-            k_nope = jnp.einsum("bsl,lnp->bsnp", lat_s, k_b)
+            k_nope = qeinsum("bsl,lnp->bsnp", lat_s, p["k_b_proj"])
             return jnp.einsum("btnp,bsnp->bnts", q_nope, k_nope) + jnp.einsum("btnr,bsr->bnts", q_rope, rope_s)
 
         def values(probs: Array, lat_s: Array, rope_s: Array) -> Array:
-            return jnp.einsum("bnts,bsnv->btnv", probs, jnp.einsum("bsl,lnv->bsnv", lat_s, v_b))
+            return jnp.einsum("bnts,bsnv->btnv", probs, qeinsum("bsl,lnv->bsnv", lat_s, p["v_b_proj"]))
 
         out = _attend(scores, values, (latent, k_rope), key_valid, q_slot, scale, dtype, attn_block)
     return qeinsum("btnv,nvd->btd", out, p["o_proj"]), cache
 
 
 def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
-        backend: str = "loop", rules: ShardingRules = DEFAULT_RULES) -> tuple[Array, Array]:
-    """Routed experts (fused [E, ...] arrays) plus the shared expert; x [B, T, D] -> ([B, T, D], ids [B, T, K])
-    in x's dtype.
+        backend: str = "loop", rules: ShardingRules = DEFAULT_RULES, layer: Array | None = None) -> tuple[Array, Array]:
+    """Routed experts (fused [E, ...] arrays, or [Lg, E, ...] for the whole group with `layer` this one, see
+    `routed_experts`) plus the shared expert; x [B, T, D] -> ([B, T, D], ids [B, T, K]) in x's dtype.
     `backend`: the routed experts' kernel, "loop" or "ragged" (`routed_experts`); with a `mesh` they run
     expert-parallel (`sharded_routed_experts`, laid out by `rules`)."""
     b, t, d = x.shape
@@ -158,9 +157,9 @@ def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
     experts = (x.reshape(b * t, d), ids, weights, p["experts_gate"], p["experts_up"], p["experts_down"])
     act = ACTIVATIONS[cfg.hidden_act]
     if mesh is not None:
-        y = sharded_routed_experts(mesh, *experts, act=act, backend=backend, rules=rules)
+        y = sharded_routed_experts(mesh, *experts, act=act, backend=backend, rules=rules, layer=layer)
     else:
-        y = routed_experts(*experts, act=act, backend=backend)
+        y = routed_experts(*experts, act=act, backend=backend, layer=layer)
     y = y.reshape(b, t, d) + mlp(p["shared_expert"], x, cfg)
     return y, ids.reshape(b, t, -1)
 
@@ -168,15 +167,16 @@ def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
 def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
                   cfg: Mistral4Config, dtype: Any, mesh: Any = None, moe_backend: str = "loop",
                   cache: LayerCache | None = None, index: Array | int = 0, decode: bool = False,
-                  rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK):
+                  rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK, expert_layer: Array | None = None):
     """h + attn(norm(h)), then + ffn(norm(h)), the ffn the MoE if p has one, else the dense MLP.
-    h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache)); key_valid, q_slot as `mla`'s."""
+    h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache)); key_valid, q_slot as `mla`'s.
+    `expert_layer`: p's routed experts are the group's stacks [Lg, E, ...] and this is layer `expert_layer`."""
     x = rms_norm(p["input_norm"], h, cfg.rms_norm_eps, dtype)
     a, cache = mla(p["attn"], x, cos, sin, qscale, key_valid, q_slot, cfg, dtype, cache, index, decode, attn_block)
     h = h + a
     x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps, dtype)
     if "moe" in p:
-        y, ids = moe(p["moe"], x, cfg, mesh, moe_backend, rules)
+        y, ids = moe(p["moe"], x, cfg, mesh, moe_backend, rules, expert_layer)
     else:
         y, ids = mlp(p["mlp"], x, cfg), None
     return h + y, (ids, cache)

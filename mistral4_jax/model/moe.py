@@ -15,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from ..config import Mistral4Config
 from ..sharding import DEFAULT_RULES, ShardingRules
-from ..weights.quant import QuantArray, dequantize
+from ..weights.quant import QuantArray, dequantize, qeinsum
 
 Array = jax.Array
 Weight = Array | QuantArray
@@ -58,10 +58,27 @@ def resolve_moe_backend(backend: str, mesh: Any = None) -> str:
     return "loop" if platform == "cpu" else "ragged"
 
 
-def _expert_weight(w: Array | QuantArray, i: Array, dtype: Any) -> Array:
-    """Expert i's slice of w (i may be traced; a `QuantArray`'s values and scale alike), in dtype."""
-    pick = functools.partial(jax.lax.dynamic_index_in_dim, index=i, keepdims=False)
-    return dequantize(jax.tree_util.tree_map(pick, w), dtype)
+def _expert_weight(w: Weight, i: Array, layer: Array | None = None) -> Weight:
+    """Expert i's slice of w [E, ...], or of layer `layer`'s experts in w [Lg, E, ...] (i and layer may be traced;
+    a `QuantArray`'s values and its scale alike): one dynamic slice, which XLA fuses into the matmul that reads it."""
+    def pick(a: Array) -> Array:
+        start = (i,) if layer is None else (layer, i)
+        starts = tuple(jnp.asarray(v, jnp.int32) for v in start) + (jnp.int32(0),) * (a.ndim - len(start))
+        return jax.lax.dynamic_slice(a, starts, (1,) * len(start) + a.shape[len(start):]).reshape(a.shape[len(start):])
+    return jax.tree_util.tree_map(pick, w)
+
+
+def _layer_weight(w: Weight, layer: Array | None) -> Weight:
+    """w [E, ...] itself, or layer `layer`'s [E, ...] of w [Lg, E, ...]."""
+    if layer is None:
+        return w
+    return jax.tree_util.tree_map(functools.partial(jax.lax.dynamic_index_in_dim, index=layer, keepdims=False), w)
+
+
+def _expert_mlp(x: Array, g: Weight, u: Weight, d: Weight, act: Any) -> Array:
+    """One expert's gated MLP down(act(gate x) * up x): x [R, D], g/u [D, F], d [F, D] (stored dtype or
+    `QuantArray`, read in x's dtype by `qeinsum`) -> [R, D]."""
+    return qeinsum("rf,fd->rd", act(qeinsum("rd,df->rf", x, g)) * qeinsum("rd,df->rf", x, u), d)
 
 
 def _local_copies(ids: Array, e: int, first_expert: Array | int) -> tuple[Array, Array, Array]:
@@ -92,7 +109,7 @@ EXPERT_CHUNK_ROWS = 64
 def routed_experts(
     x: Array, ids: Array, weights: Array, gate: Weight, up: Weight, down: Weight, first_expert: Array | int = 0,
     act: Any = jax.nn.silu,
-    backend: str = "loop", rows: int | None = None,
+    backend: str = "loop", rows: int | None = None, layer: Array | None = None,
 ) -> Array:
     """Weighted sum of the chosen experts' gated MLPs `down(act(gate x) * up x)`, exact (no token is dropped,
     no capacity).
@@ -102,6 +119,10 @@ def routed_experts(
     dequantised to x's dtype where they are read.
     The experts held here are `first_expert .. first_expert + E - 1` (all of them unless sharded);
     assignments to other experts contribute zero.
+    `layer`: gate, up, down hold a layer group's experts [Lg, E, ...] and this is layer `layer` of them. A layer
+    scan passes the stacks whole: the loop and decode kernels then slice each chosen expert straight out of
+    them, whereas slicing the layer first makes XLA copy all E of its experts on every step (their uses sit
+    inside conditionals and loops, where the slice cannot fuse into the matmuls).
 
     `backend` ("loop" or "ragged", see `resolve_moe_backend`) picks the kernel; both give the same
     result. "loop" (`_experts_loop`, the CPU's) traces a loop over the chosen experts. "ragged" has
@@ -111,16 +132,17 @@ def routed_experts(
     sorted by expert, `rows` of them at a time (None = all T*K at once).
     """
     if backend == "loop":
-        return _experts_loop(x, ids, weights, gate, up, down, first_expert, act)
+        return _experts_loop(x, ids, weights, gate, up, down, first_expert, act, layer)
     if backend != "ragged":
         raise ValueError(f"routed_experts: backend must be 'loop' or 'ragged', got {backend!r}")
-    if ids.size <= gate.shape[0]:
-        return _experts_gathered(x, ids, weights, gate, up, down, first_expert, act)
+    if ids.size <= gate.shape[-3]:
+        return _experts_gathered(x, ids, weights, gate, up, down, first_expert, act, layer)
+    gate, up, down = (_layer_weight(w, layer) for w in (gate, up, down))  # grouped matmuls read every expert
     return _experts_ragged(x, ids, weights, gate, up, down, first_expert, act, rows)
 
 
 def _experts_loop(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight, down: Weight,
-                  first_expert: Array | int, act: Any) -> Array:
+                  first_expert: Array | int, act: Any, layer: Array | None) -> Array:
     """`routed_experts` for CPU: the T*K token copies are sorted by expert. A loop over the experts that
     some copy chose (the others' weights are never read) runs each one on its own rows,
     R = min(`EXPERT_CHUNK_ROWS`, T) at a time (an inner loop); the last chunk is padded only up to the
@@ -130,7 +152,7 @@ def _experts_loop(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight
     busiest one's size, and `ragged_dot`, which XLA:CPU runs as a dense matmul masked per expert.
     """
     t, k = ids.shape
-    e, dim = gate.shape[0], x.shape[1]
+    e, dim = gate.shape[-3], x.shape[1]
     valid, flat, counts = _local_copies(ids, e, first_expert)
     order, back = _sort_by_expert(flat, e)
     starts = jnp.cumsum(counts) - counts
@@ -141,12 +163,12 @@ def _experts_loop(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight
 
     def expert(n: Array, out: Array) -> Array:
         i = chosen[n]
-        g, u, d = (_expert_weight(w, i, x.dtype) for w in (gate, up, down))
+        g, u, d = (_expert_weight(w, i, layer) for w in (gate, up, down))
 
         def tier(r: int) -> Any:
             def run(start: Array) -> Array:  # [r, D] rows from `start`, zero-padded to [R, D]
                 xr = jax.lax.dynamic_slice_in_dim(xs, start, r)
-                return jnp.pad((act(xr @ g) * (xr @ u)) @ d, ((0, rows - r), (0, 0)))
+                return jnp.pad(_expert_mlp(xr, g, u, d, act), ((0, rows - r), (0, 0)))
             return run
 
         def chunk(carry: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -164,7 +186,7 @@ def _experts_loop(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight
 
 
 def _experts_gathered(x: Array, ids: Array, weights: Array, gate: Weight, up: Weight, down: Weight,
-                      first_expert: Array | int, act: Any) -> Array:
+                      first_expert: Array | int, act: Any, layer: Array | None) -> Array:
     """`routed_experts` for few tokens (T*K <= E, decode): reads only the chosen experts' weights.
 
     The U = T*K slots hold the distinct chosen experts held here (unused slots: -1). Each slot is one
@@ -176,16 +198,16 @@ def _experts_gathered(x: Array, ids: Array, weights: Array, gate: Weight, up: We
     reports 320 MiB accessed against 4 MiB for one sliced expert.
     """
     t, k = ids.shape
-    e = gate.shape[0]
+    e = gate.shape[-3]
     valid, flat, counts = _local_copies(ids, e, first_expert)
     chosen = jnp.nonzero(counts > 0, size=t * k, fill_value=-1)[0]  # [U] distinct experts held here
     combine = jnp.zeros((t, e + 1), x.dtype).at[jnp.arange(t)[:, None], flat.reshape(t, k)].add(
         jnp.where(valid, weights, 0).astype(x.dtype))[:, :e]  # [T, E] routing weight per (token, expert)
 
     def slot(i: Array) -> Array:
-        g, u, d = (_expert_weight(w, i, x.dtype) for w in (gate, up, down))
+        g, u, d = (_expert_weight(w, i, layer) for w in (gate, up, down))
         w = jax.lax.dynamic_index_in_dim(combine, i, axis=1)  # [T, 1]
-        return ((act(x @ g) * (x @ u)) @ d) * w
+        return _expert_mlp(x, g, u, d, act) * w
 
     out = jnp.zeros_like(x)
     for n in range(t * k):
@@ -243,7 +265,7 @@ EXPERT_ROWS_SLACK = 1.25
 def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: jax.Array,
                            gate: Weight, up: Weight, down: Weight,
                            act: Any = jax.nn.silu, backend: str = "loop",
-                           rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
+                           rules: ShardingRules = DEFAULT_RULES, layer: Array | None = None) -> jax.Array:
     """Expert-parallel `routed_experts` under `shard_map`: x [T, D] -> [T, D].
 
     The specs follow `rules`: experts over its "experts" axis, their hidden units over its "expert_mlp"
@@ -258,40 +280,42 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
 
     `backend` is `routed_experts`' kernel. With "ragged" and more token copies than experts per shard,
     each shard's grouped matmuls take `EXPERT_ROWS_SLACK` x its even share (T*K / expert shards) of
-    the copies per call, looping in the rare case that more were routed to it.
+    the copies per call, looping in the rare case that more were routed to it. `layer`: as in
+    `routed_experts` (the weights stacked [Lg, E, ...], not split over the layer axis).
     """
     e_ax, f_ax, tok = rules.get("experts"), rules.get("expert_mlp"), rules.get("batch")
     ep = mesh.shape[e_ax] if e_ax else 1
-    local = gate.shape[0] // ep
+    local = gate.shape[-3] // ep
     tok = tok if tok and x.shape[0] % mesh.shape[tok] == 0 else None
-    up_spec = rules.spec(("experts", None, "expert_mlp"), "the routed experts' gate/up")
-    down_spec = rules.spec(("experts", "expert_mlp", None), "the routed experts' down")
+    stack = () if layer is None else (None,)
+    up_spec = P(*stack, *rules.spec(("experts", None, "expert_mlp"), "the routed experts' gate/up"))
+    down_spec = P(*stack, *rules.spec(("experts", "expert_mlp", None), "the routed experts' down"))
 
     manual = tuple(a for a in (e_ax, f_ax) if a)
     t_local = x.shape[0] // (mesh.shape[tok] if tok else 1)
     rows = -(-int(t_local * ids.shape[1] * EXPERT_ROWS_SLACK) // ep // 8) * 8
 
-    def body(x, ids, weights, gate, up, down):
+    def body(x, ids, weights, gate, up, down, layer):
         # tokens are the same on every expert/tensor shard; mark them as varying there so that values
         # mixing tokens and local weights (e.g. the expert loop and its lax.switch) have one type
         x, ids, weights = (_vary(a, manual) for a in (x, ids, weights))
         first = jax.lax.axis_index(e_ax) * local if e_ax else 0
         y = routed_experts(x, ids, weights, gate, up, down, first_expert=first, act=act, backend=backend,
-                           rows=rows)
+                           rows=rows, layer=layer)
         return jax.lax.psum(y, manual)
 
     return jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(P(tok, None), P(tok, None), P(tok, None), _expert_spec(gate, up_spec), _expert_spec(up, up_spec),
-                  _expert_spec(down, down_spec)),
+                  _expert_spec(down, down_spec), None if layer is None else P()),
         out_specs=P(tok, None),
-    )(x, ids, weights, gate, up, down)
+    )(x, ids, weights, gate, up, down, layer)
 
 
 def _expert_spec(w: Weight, spec: P) -> Any:
-    """shard_map spec of a stacked expert weight: `spec`; a `QuantArray`'s [E, 1, 1] scale split over experts only."""
-    return QuantArray(spec, P(spec[0], None, None)) if isinstance(w, QuantArray) else spec
+    """shard_map spec of a stacked expert weight: `spec`; a `QuantArray`'s [(Lg,) E, 1, 1] scale split over experts only."""
+    return QuantArray(spec, P(*spec[:-2], None, None)) if isinstance(w, QuantArray) else spec
 
 
 def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

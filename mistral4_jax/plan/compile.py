@@ -27,6 +27,10 @@ What the figures are (all per device):
   inside a layer (an expert loop) is still counted once: `cost_exact` is False when the per-layer
   program has a `while` loop, and its flops and bytes are then lower bounds. GPU compilers give no cost
   analysis (None). A collective's bytes are the size of its result on one device.
+- HBM bytes: what the program as it runs (scanned layers, loops times their trip counts) reads and writes
+  in HBM per step, walked from its HLO (`hlo.hbm_bytes`: VMEM-resident operands excluded, sliced operands
+  counted as slices, the costlier branch of each conditional). XLA's "bytes accessed" counts prefetched
+  weights several times and loop bodies once; this is the figure to hold against the must-read bytes.
 - decode reads: the bytes one chip must read per decode step (`plan.decode_reads`: its weight shards,
   the experts the batch picks among the ones it holds, expected and worst case, its cache slice).
   Roofline: step ms = max(bytes / HBM bandwidth, flops / peak bf16 flops), with the expected reads
@@ -56,6 +60,7 @@ from ..config import Mistral4Config
 from ..model import cache_shardings, param_shardings
 from ..sharding import DEFAULT_RULES, MESH_AXES, ShardingRules, batch_spec, make_mesh, parse_mesh
 from .memory import GiB, decode_reads, memory_plan
+from .hlo import hbm_bytes, parse_collectives
 from .targets import Target, default_mesh, parse_target, target_devices
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,7 @@ class StepFigures:
     bytes_accessed: float | None = None
     cost_exact: bool | None = None  # False: a loop inside a layer was counted once (lower bounds)
     cost_compile_s: float | None = None  # the two unrolled compiles that give flops, bytes, collectives
+    hbm_bytes: float | None = None  # moved through HBM per step by the program as it runs (`hlo.hbm_bytes`)
     collectives: list[Collective] | None = None
     reads_expected: int | None = None  # decode: bytes this chip must read per step (plan.decode_reads)
     reads_worst: int | None = None
@@ -177,31 +183,6 @@ def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, ca
             raise
         compiled = " ".join(str(e).split())
     return compiled, time.perf_counter() - t0
-
-
-_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(all-reduce|all-gather|all-to-all|reduce-scatter|"
-                         r"collective-permute|ragged-all-to-all|collective-broadcast)(-start)?\(", re.M)
-_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
-_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32, "s64": 64, "u64": 64,
-         "f16": 16, "bf16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8,
-         "f8e4m3": 8, "f8e5m2fnuz": 8, "f8e4m3fnuz": 8, "f8e4m3b11fnuz": 8, "f8e3m4": 8}
-
-
-def parse_collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """kind -> (count, bytes of the results on one device) of the collectives in compiled HLO text.
-
-    An async `-start` op's result is a tuple (operands, results[, context]): its results are counted."""
-    out: dict[str, tuple[int, int]] = {}
-    for shape, kind, start in _COLLECTIVE.findall(hlo_text):
-        arrays = [(t, d) for t, d in _ARRAY.findall(shape) if t in _BITS]
-        if start:
-            arrays = [(t, d) for t, d in arrays if d]  # scalars in an async tuple are its context
-            if kind != "all-reduce" and len(arrays) >= 2:
-                arrays = arrays[len(arrays) // 2:]
-        nbytes = sum(math.prod(int(n) for n in d.split(",") if n) * _BITS[t] // 8 for t, d in arrays)
-        count, total = out.get(kind, (0, 0))
-        out[kind] = (count + 1, total + nbytes)
-    return out
 
 
 def _cost(compiled: Any) -> tuple[float | None, float | None, dict[str, tuple[int, int]], bool]:
@@ -334,6 +315,7 @@ def compile_plan(
         else:
             _memory(fig, compiled)
             fig.fits = fig.total_bytes <= target.hbm_bytes
+            fig.hbm_bytes = hbm_bytes(compiled.as_text())
         if decode:
             reads = decode_reads(cfg, sizes, dtype, cache_dtype, batch, slots, rules)
             fig.reads_expected, fig.reads_worst = reads.expected, reads.worst
@@ -380,8 +362,9 @@ def format_compiled(p: CompiledPlan) -> str:
                      f"aliased {_gib(s.alias_bytes)}); compiled in {s.compile_s:.1f} s")
         if s.reads_expected is not None:
             line = f"    must read per step {_gib(s.reads_expected)} expected, {_gib(s.reads_worst)} worst case"
-            if s.bytes_accessed is not None:
-                line += f"; compiled bytes accessed {_gib(s.bytes_accessed)} ({s.bytes_accessed / s.reads_expected:.2f}x)"
+            if s.hbm_bytes is not None:
+                line += (f"; the compiled step moves {_gib(s.hbm_bytes)} through HBM ({s.hbm_bytes / s.reads_worst:.2f}x "
+                         "the worst case)")
             lines.append(line)
         if s.flops is not None:
             bound = "" if s.cost_exact else " (lower bounds: a loop inside a layer is counted once)"
