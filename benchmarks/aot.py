@@ -7,7 +7,8 @@ they run), four programs: decode B=1 over a 4,096-slot cache, decode B=64 over 8
 131,072, and one 4,096-token prefill chunk. Prints one JSON line per target: per chip the compiler's
 memory against the chip's, fits, compile seconds (of the program; the two unrolled compiles that give
 flops and collectives are timed apart), the roofline ms per step and tokens/s, the bytes a decode step
-must read beside the compiled bytes accessed, and the collectives. Compile times depend on this
+must read beside the bytes the compiled step moves through HBM (`plan.hlo.hbm_bytes`) and XLA's bytes
+accessed, and the collectives. B=64 x 8,192 splits the cache's batch over the expert axis (`layout`). Compile times depend on this
 machine and its load: the line carries the load average.
 
 TPU targets need the `tpu-aot` extra, GPU targets the `gpu-aot` extra; a target whose compiler is not
@@ -28,11 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 MESHES = {"v5e-16": "expert=8,tensor=2", "v5p-8": "expert=4", "v6e-8": "expert=8", "8xH200": "expert=8"}
-CASES = {  # name: (step, batch, context, prefill chunk)
-    "decode_1x4096": ("decode", 1, 4096, None),
-    "decode_64x8192": ("decode", 64, 8192, None),
-    "decode_1x131072": ("decode", 1, 131072, None),
-    "prefill_4096": ("prefill", 1, 4096, 4096),
+CASES = {  # name: (step, batch, context, prefill chunk, layout changes to `sharding.DEFAULT_RULES`)
+    "decode_1x4096": ("decode", 1, 4096, None, {}),
+    # 64 rows of 8,192 slots are 12 GB of cache: split the cache's batch over the expert axis (the default
+    # splits it over `data`, which these meshes do not have) rather than holding all of it on every chip
+    "decode_64x8192": ("decode", 64, 8192, None, {"cache_batch": "expert"}),
+    "decode_1x131072": ("decode", 1, 131072, None, {}),
+    "prefill_4096": ("prefill", 1, 4096, 4096, {}),
 }
 GiB = 1024**3
 
@@ -41,9 +44,11 @@ def _gib(n: float | None) -> float | None:
     return None if n is None else round(n / GiB, 3)
 
 
-def case_record(plan, step) -> dict:
+def case_record(plan, step, layout: dict | None = None) -> dict:
     """The figures of one compiled program, in GiB / ms / s."""
     rec = {"fits": step.fits, "compile_s": step.compile_s}
+    if layout:
+        rec["layout"] = layout
     if step.error is not None:
         rec["error"] = step.error
     else:
@@ -54,6 +59,10 @@ def case_record(plan, step) -> dict:
         rec.update(must_read_gib=_gib(step.reads_expected), must_read_worst_gib=_gib(step.reads_worst))
     if step.flops is not None:
         rec.update(gflops=round(step.flops / 1e9, 2), cost_exact=step.cost_exact)
+    if step.hbm_bytes is not None:
+        rec["hbm_gib"] = _gib(step.hbm_bytes)
+        if step.reads_worst:
+            rec["hbm_over_must_read_worst"] = round(step.hbm_bytes / step.reads_worst, 3)
     if step.bytes_accessed is not None:
         rec["bytes_accessed_gib"] = _gib(step.bytes_accessed)
         if step.reads_expected:
@@ -92,22 +101,24 @@ def main() -> None:
     code = commit()  # the code that runs is the code at the start
     with C.quiet_stdout():
         from mistral4_jax.plan.compile import compile_plan
+        from mistral4_jax.sharding import DEFAULT_RULES
 
         for target in args.targets.split(","):
             record: dict = {"bench": "aot", "target": target, "mesh": MESHES.get(target), "config": args.config,
                             "dtype": args.dtype, "compute_dtype": "bfloat16"}
             try:
                 for name in args.cases.split(","):
-                    step, batch, context, chunk = CASES[name]
+                    step, batch, context, chunk, layout = CASES[name]
                     t0 = time.perf_counter()
                     plan = compile_plan(C.config_path(args.config), target, mesh=MESHES.get(target), dtype=args.dtype,
-                                        batch=batch, context=context, chunk=chunk, steps=(step,), layers=args.layers)
+                                        batch=batch, context=context, chunk=chunk, steps=(step,), layers=args.layers,
+                                        rules=DEFAULT_RULES.replace(**layout))
                     record.setdefault("chips", plan.chips)
                     record.setdefault("chip", plan.kind)
                     record.setdefault("hbm_gib", _gib(plan.hbm_bytes))
                     record.setdefault("layers", plan.layers)
                     record["mesh"] = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
-                    record[name] = case_record(plan, plan.steps[0])
+                    record[name] = case_record(plan, plan.steps[0], layout)
                     C.log(target, name, f"{time.perf_counter() - t0:.0f} s", record[name])
             except ValueError as e:  # the target's compiler is not installed, or a bad target / mesh
                 record["error"] = str(e)

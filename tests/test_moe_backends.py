@@ -7,6 +7,7 @@ from __future__ import annotations
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,20 +42,26 @@ def _dense(x, ids, w, gate, up, down, scales):
     return out
 
 
-KERNEL_CASES = {  # name: (tokens, rows per grouped matmul, routing, first expert held, primitive expected)
-    "decode_1_token": (1, None, "spread", 0, "cond"),
-    "decode_2_tokens_on_a_shard": (2, None, "spread", 4, "cond"),
-    "prefill_one_call": (37, None, "spread", 0, "ragged_dot"),
-    "prefill_chunks_on_a_shard": (37, 8, "spread", 4, "ragged_dot"),
-    "prefill_chunks_imbalanced": (37, 8, "two_experts", 0, "ragged_dot"),
+KERNEL_CASES = {  # name: (tokens, rows per grouped matmul, routing, first expert held, primitive expected,
+    #                      weights stacked over 3 layers (this is layer 1))
+    "decode_1_token": (1, None, "spread", 0, "cond", False),
+    "decode_1_token_layer_of_a_stack": (1, None, "spread", 0, "cond", True),
+    "decode_2_tokens_on_a_shard": (2, None, "spread", 4, "cond", False),
+    "decode_more_copies_than_experts": (24, None, "spread", 0, "cond", True),
+    "prefill_one_call": (80, None, "spread", 0, "ragged_dot", False),
+    "prefill_one_call_layer_of_a_stack": (80, None, "spread", 0, "ragged_dot", True),
+    "prefill_chunks_on_a_shard": (80, 8, "spread", 4, "ragged_dot", False),
+    "prefill_chunks_imbalanced": (80, 8, "two_experts", 0, "ragged_dot", False),
 }
 
 
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
 def test_ragged_kernels_match_dense_experts(case):
     """FP8-style per-expert scales, a shard holding experts 4..7 of 8 (others' copies must vanish), and
-    a grouped matmul of 8 rows looping over several chunks, balanced or all copies on two experts."""
-    t, rows, routing, first, primitive = KERNEL_CASES[case]
+    a grouped matmul of 8 rows looping over several chunks, balanced or all copies on two experts; weights
+    stacked over layers (a layer scan's) with the layer given."""
+    t, rows, routing, first, primitive, stacked = KERNEL_CASES[case]
+    assert (primitive == "cond") == (t <= mistral4_jax.model.moe.GATHER_MAX_TOKENS)
     rng = np.random.default_rng(len(case))
     e, k, d, f = 8, 2, 16, 8
     held = e if first == 0 else 4
@@ -71,7 +78,11 @@ def test_ragged_kernels_match_dense_experts(case):
 
     def run(x, ids, w, gate, up, down, scales):
         gate, up, down = (QuantArray(m, s) for m, s in zip((gate, up, down), scales))
-        return routed_experts(x, ids, w, gate, up, down, first_expert=first, backend="ragged", rows=rows)
+        layer = None
+        if stacked:  # layers 0 and 2 are another layer's weights: they must not leak in
+            gate, up, down = (jax.tree.map(lambda a: jnp.stack([a[::-1], a, 2 * a]), m) for m in (gate, up, down))
+            layer = jnp.int32(1)
+        return routed_experts(x, ids, w, gate, up, down, first_expert=first, backend="ragged", rows=rows, layer=layer)
 
     assert primitive in str(jax.make_jaxpr(run)(x, ids, w, gate, up, down, scales))
     got = jax.jit(run)(x, ids, w, gate, up, down, scales)
@@ -124,9 +135,10 @@ def _check_model(model, ref, prompts: int) -> np.ndarray:
     return np.asarray(logits)
 
 
-def test_ragged_backend_matches_transformers_and_loop(reference):
-    """One device: prefill of 48 tokens (grouped matmuls), decode steps of 2 tokens (4 copies <= 8
-    experts: the sliced experts)."""
+def test_ragged_backend_matches_transformers_and_loop(reference, monkeypatch):
+    """One device: prefill of 48 tokens (grouped matmuls, forced below their usual token count), decode steps
+    of 2 tokens (4 copies <= 8 experts: the sliced experts)."""
+    monkeypatch.setattr(mistral4_jax.model.moe, "GATHER_MAX_TOKENS", 0)
     model = Mistral4(CFG, reference["params"], moe_backend="ragged")
     ours = _check_model(model, reference, prompts=2)
     loop = Mistral4(CFG, reference["params"], moe_backend="loop")
@@ -137,13 +149,17 @@ def test_ragged_backend_expert_parallel_matches_transformers(reference, monkeypa
     """expert=4 x tensor=2: prefill grouped matmuls of 0.3x a shard's even share of the copies (the chunk
     loop runs several times under shard_map); decode of one prompt: 2 copies <= 2 experts per shard."""
     monkeypatch.setattr(mistral4_jax.model.moe, "EXPERT_ROWS_SLACK", 0.3)
+    monkeypatch.setattr(mistral4_jax.model.moe, "GATHER_MAX_TOKENS", 0)
     model = Mistral4(CFG, reference["params"], mesh=make_mesh("data=1,expert=4,tensor=2"), moe_backend="ragged")
     _check_model(model, reference, prompts=1)
 
 
-def test_ragged_backend_with_fp8_weights_on_a_mesh(reference):
-    """FP8 weights with per-expert scales (float32 compute), expert=4 x tensor=2: the logits of the same
-    checkpoint dequantised to float32 on one device."""
+@pytest.mark.parametrize("gather_max_tokens", [0, 64])
+def test_ragged_backend_with_fp8_weights_on_a_mesh(reference, monkeypatch, gather_max_tokens):
+    """FP8 weights with per-expert scales (float32 compute), expert=4 x tensor=2, the 48-token prefill through
+    grouped matmuls or through the sliced experts: the logits of the same checkpoint dequantised to float32
+    on one device."""
+    monkeypatch.setattr(mistral4_jax.model.moe, "GATHER_MAX_TOKENS", gather_max_tokens)
     _, dequantised = checkpoint.restore_params(reference["fp8"], "float32")
     want = Mistral4(CFG, dequantised).logits(reference["ids"])
     scales = np.asarray(checkpoint.restore_params(reference["fp8"])[1]["layers_moe"]["moe"]["experts_gate"].scale)

@@ -92,12 +92,22 @@ def _parse(hlo_text: str) -> dict[str, list[dict[str, Any]]]:
     return comps
 
 
-def _sliced_bytes(param: dict[str, Any], users: dict[str, list[dict[str, Any]]], operand_type: str) -> float | None:
-    """HBM bytes a fusion's parameter costs when the fusion only reads slices of it (through layout copies,
-    bitcasts, converts), else None (the whole operand is read)."""
-    elems = sum(n for n, _, _ in _arrays(operand_type))
-    per_elem = _hbm(operand_type) / max(elems, 1)
-    total, frontier = 0.0, [param]
+def _users(body: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    users: dict[str, list[dict[str, Any]]] = {}
+    for j in body:
+        for a in j["args"]:
+            users.setdefault(a, []).append(j)
+    return users
+
+
+def _param(body: list[dict[str, Any]], index: int) -> dict[str, Any] | None:
+    return next((j for j in body if j["op"] == "parameter" and j["raw"].strip() == str(index)), None)
+
+
+def _sliced_elems(node: dict[str, Any], body: list[dict[str, Any]], comps: dict[str, list[dict[str, Any]]]) -> int | None:
+    """Elements of a fused value that its fusion reads when it only reads slices of it (through layout copies,
+    bitcasts, converts, nested fusions), else None (all of it is read)."""
+    users, total, frontier = _users(body), 0, [node]
     while frontier:
         node = frontier.pop()
         uses = users.get(node["name"], [])
@@ -105,28 +115,33 @@ def _sliced_bytes(param: dict[str, Any], users: dict[str, list[dict[str, Any]]],
             return None
         for u in uses:
             if u["op"] in _SLICES and u["args"] and u["args"][0] == node["name"]:
-                total += sum(n for n, _, _ in _arrays(u["type"])) * per_elem
+                total += sum(n for n, _, _ in _arrays(u["type"]))
             elif u["op"] in _PASS_THROUGH or (u["op"] == "fusion" and "output_to_operand_aliasing" in u["attrs"]):
                 frontier.append(u)
+            elif u["op"] == "fusion" and u["args"].count(node["name"]) == 1:
+                inner = comps.get(re.search(r"calls=%?([\w.\-]+)", u["attrs"]).group(1), [])
+                param = _param(inner, u["args"].index(node["name"]))
+                n = None if param is None else _sliced_elems(param, inner, comps)
+                if n is None:
+                    return None
+                total += n
             else:
                 return None
     return total
 
 
-def _fusion_bytes(ins: dict[str, Any], operands: list[str], body: list[dict[str, Any]]) -> float:
-    users: dict[str, list[dict[str, Any]]] = {}
-    for j in body:
-        for a in j["args"]:
-            users.setdefault(a, []).append(j)
+def _fusion_bytes(ins: dict[str, Any], operands: list[str], body: list[dict[str, Any]],
+                  comps: dict[str, list[dict[str, Any]]]) -> float:
+    users = _users(body)
     total = 0.0
     for j in body:
         if j["op"] != "parameter" or not j["raw"].strip().isdigit() or int(j["raw"]) >= len(operands):
             continue
         operand = operands[int(j["raw"])]
         uses = users.get(j["name"], [])
-        sliced = _sliced_bytes(j, users, operand)
+        sliced = _sliced_elems(j, body, comps)
         if sliced is not None:
-            total += sliced
+            total += sliced * _hbm(operand) / max(sum(n for n, _, _ in _arrays(operand)), 1)
         elif not (uses and all(u["op"] == "dynamic-update-slice" and u["args"][0] == j["name"] for u in uses)):
             total += _hbm(operand)  # (a buffer updated in place costs only its update, below)
     root = body[-1]
@@ -161,7 +176,7 @@ def hbm_bytes(hlo_text: str) -> float:
                          re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins["attrs"]))
                 total += max(run(b) for b in names)
             elif op == "fusion":
-                total += _fusion_bytes(ins, operands, comps[re.search(r"calls=%?([\w.\-]+)", ins["attrs"]).group(1)])
+                total += _fusion_bytes(ins, operands, comps[re.search(r"calls=%?([\w.\-]+)", ins["attrs"]).group(1)], comps)
             elif op == "copy-start":
                 total += _hbm(operands[0]) if operands else 0
             elif op == "slice-start":
