@@ -26,6 +26,7 @@ returning the last position's logits (as forward.py), tok/s and the fraction of 
 
 Smoke mode: `configs/tiny.json`, 2 layers, float32, batches 1 and 4, 16-token prompts, 8 new tokens, 64-token
 prefill, same code; bandwidth and peak are then measured (decode.read_rate_gbs, the float32 matmul rate).
+`h200_cut_layers` (either mode) is GPU mode's cut for an H200 (its 141 GiB x the 0.9 given to jax).
 
 Prints exactly one JSON line on stdout; progress goes to stderr.
 """
@@ -82,27 +83,6 @@ def cut_layers(cfg, dtype, limit: int) -> int:
     return max(1, min(cfg.num_hidden_layers, int(free // (2 * layer))))
 
 
-class _TensorDict:
-    """The `weights.safetensors.TensorIndex` interface (names, shape, dtype, get) over a torch state dict."""
-
-    def __init__(self, tensors: dict) -> None:
-        self.tensors = tensors
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def dtype(self, name: str):
-        import jax.numpy as jnp
-
-        return jnp.dtype(str(self.tensors[name].dtype).removeprefix("torch."))
-
-    def get(self, name: str):
-        return self.tensors[name]
-
-
 def to_ours(hf, cfg, dtype):
     """Our parameter tree holding transformers' weights, built on the device (see the module docstring)."""
     import jax
@@ -111,12 +91,21 @@ def to_ours(hf, cfg, dtype):
     from mistral4_jax.model import abstract_params
     from mistral4_jax.weights.hf import HFReader, check_unexpected, layer_groups, read_globals, read_layer
 
+    class TensorDict(dict):  # the `weights.safetensors.TensorIndex` interface over torch tensors
+        names, get = dict.keys, dict.__getitem__
+
+        def shape(self, name):
+            return tuple(self[name].shape)
+
+        def dtype(self, name):
+            return jnp.dtype(str(self[name].dtype).removeprefix("torch."))
+
     class DeviceReader(HFReader):  # tensors stay where they are: a jax view (DLPack), not a float32 numpy copy
         def get(self, name, shape):
             self.check(name, shape)
             return jax.dlpack.from_dlpack(self._raw(name).detach())
 
-    r = DeviceReader(_TensorDict(dict(hf.state_dict())), "transformers' state dict")
+    r = DeviceReader(TensorDict(hf.state_dict()), "transformers' state dict")
     params = jax.tree.map(jnp.copy, read_globals(r, cfg))  # copies: nothing may alias torch's memory
     put = jax.jit(lambda stack, layer, j: jax.tree.map(lambda s, x: s.at[j].set(x.astype(s.dtype)), stack, layer),
                   donate_argnums=0)
@@ -157,6 +146,8 @@ def run(args: argparse.Namespace) -> dict:
         bandwidth, bw_from, peak = float(spec["memory_bandwidth"]), spec["name"], spec["peak_bf16"]
     else:
         bandwidth, bw_from, peak = D.read_rate_gbs() * 1e9, "measured", C.MatmulRate().sample(5).gflops() * 1e9
+    real = mistral4_jax.Mistral4Config.from_json(C.config_path(MODES["gpu"]["config"]))
+    h200_layers = cut_layers(real, jnp.bfloat16, 0.9 * GPU_SPECS["H200"]["device_memory_size"])  # GPU mode's cut
     C.log(f"{mode}: {s['config']} cut to {layers} layers, {s['dtype']}, jax on {dev.device_kind}, torch on {tdev}")
     never, reps, new = cfg.vocab_size - 1, s["reps"], s["new"]
     rng = np.random.default_rng(0)
@@ -193,8 +184,8 @@ def run(args: argparse.Namespace) -> dict:
     steps: dict = {}
     for b, p in prompts.items():
         requests = [Request(row.tolist(), new) for row in p]
-        D.time_ours(ours, requests, never)
-        times = [D.time_ours(ours, requests, never) for _ in range(reps)]
+        D.time_ours(ours, requests)
+        times = [D.time_ours(ours, requests) for _ in range(reps)]
         assert all(len(g.tokens) == new for g in times[-1][2])
         t["ours", b] = C.median([pre + dec for pre, dec, _ in times])
         steps[b] = C.median([dec for _, dec, _ in times]) / (new - 1)
@@ -209,34 +200,34 @@ def run(args: argparse.Namespace) -> dict:
     record: dict = {"bench": "gpu", "mode": mode, "config": s["config"], "layers": layers, "dtype": s["dtype"],
                     "prompt_tokens": s["prompt"], "new_tokens": new, "prefill_tokens": s["prefill"],
                     "jax_device": dev.device_kind, "torch_device": tdev,
-                    "device_bytes_limit_gib": round(limit / GiB, 2), "bytes_limit_from": limit_from,
-                    "bandwidth_gbs": round(bandwidth / 1e9, 1), "bandwidth_from": bw_from,
-                    "layer_loop": ours.layer_loop, "moe_backend": ours.moe_backend}
+                    "device_bytes_limit_gib": limit / GiB, "bytes_limit_from": limit_from,
+                    "bandwidth_gbs": bandwidth / 1e9, "bandwidth_from": bw_from,
+                    "h200_cut_layers": h200_layers, "layer_loop": ours.layer_loop, "moe_backend": ours.moe_backend}
     for b in prompts:
         reads = decode_reads(cfg, {}, jdtype, batch=b, context=s["prompt"] + new)
         roof, worst = reads.expected / bandwidth, reads.worst / bandwidth
         hf_step = (t["hf", b] - t["hf1", b]) / (new - 1)
         record.update({
-            f"ours_tok_s_b{b}": round(b * new / t["ours", b], 2), f"hf_tok_s_b{b}": round(b * new / t["hf", b], 2),
-            f"ratio_b{b}": round(t["hf", b] / t["ours", b], 3),
-            f"ours_step_ms_b{b}": round(steps[b] * 1e3, 3), f"hf_step_ms_b{b}": round(hf_step * 1e3, 3),
-            f"must_read_gb_b{b}": round(reads.expected / 1e9, 3), f"experts_read_per_layer_b{b}": round(reads.experts_read_expected, 1),
-            f"roofline_step_ms_b{b}": round(roof * 1e3, 3), f"roofline_step_ms_worst_b{b}": round(worst * 1e3, 3),
-            f"ours_frac_of_roofline_b{b}": round(roof / steps[b], 3), f"hf_frac_of_roofline_b{b}": round(roof / hf_step, 3),
+            f"ours_tok_s_b{b}": b * new / t["ours", b], f"hf_tok_s_b{b}": b * new / t["hf", b],
+            f"ratio_b{b}": t["hf", b] / t["ours", b],
+            f"ours_step_ms_b{b}": steps[b] * 1e3, f"hf_step_ms_b{b}": hf_step * 1e3,
+            f"must_read_gb_b{b}": reads.expected / 1e9, f"experts_read_per_layer_b{b}": reads.experts_read_expected,
+            f"roofline_step_ms_b{b}": roof * 1e3, f"roofline_step_ms_worst_b{b}": worst * 1e3,
+            f"ours_frac_of_roofline_b{b}": roof / steps[b], f"hf_frac_of_roofline_b{b}": roof / hf_step,
         })
     flops = prefill_flops_per_token(cfg, s["prefill"]) * s["prefill"]
     record.update(
-        ours_prefill_tok_s=round(s["prefill"] / t["ours", "prefill"], 1),
-        hf_prefill_tok_s=round(s["prefill"] / t["hf", "prefill"], 1),
-        prefill_ratio=round(t["hf", "prefill"] / t["ours", "prefill"], 3),
-        ours_prefill_frac_of_peak=round(flops / t["ours", "prefill"] / peak, 3),
-        hf_prefill_frac_of_peak=round(flops / t["hf", "prefill"] / peak, 3),
-        peak_tflops=round(peak / 1e12, 3), peak_from=spec["name"] if mode == "gpu" else "measured float32 matmul",
+        ours_prefill_tok_s=s["prefill"] / t["ours", "prefill"],
+        hf_prefill_tok_s=s["prefill"] / t["hf", "prefill"],
+        prefill_ratio=t["hf", "prefill"] / t["ours", "prefill"],
+        ours_prefill_frac_of_peak=flops / t["ours", "prefill"] / peak,
+        hf_prefill_frac_of_peak=flops / t["hf", "prefill"] / peak,
+        peak_tflops=peak / 1e12, peak_from=spec["name"] if mode == "gpu" else "measured float32 matmul",
         prefill_max_abs_logit_diff=float(np.max(np.abs(ours_logits - hf_logits))),
-        weight_gib=round(sum(x.nbytes for x in jax.tree.leaves(params)) / GiB, 2),
+        weight_gib=sum(x.nbytes for x in jax.tree.leaves(params)) / GiB,
         reps=reps, machine=C.machine(), **C.versions(),
     )
-    return record
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
