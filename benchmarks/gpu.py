@@ -5,6 +5,14 @@
     python benchmarks/gpu.py --smoke     # tiny config in float32 on whatever is there (< 2 min on a CPU)
     python benchmarks/gpu.py --layers 4 --new 32 --prefill 1024     # overrides (either mode)
 
+On a lent GPU machine whose image lacks some of this package's dependencies and has no network (the H200
+image of 2026-11): download their wheels here, carry `.wheels`, install them there without an index:
+
+    pip download -d .wheels --no-deps --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 \
+        mistral-common jsonschema jsonschema-specifications referencing rpds-py pydantic pydantic-core \
+        annotated-types typing-inspection pydantic-extra-types pycountry                       # ~18 MB
+    pip install -q --no-index --no-deps .wheels/*.whl && PYTHONPATH=. python3 benchmarks/gpu.py --gpu
+
 GPU mode: `configs/mistral-small-4-119b.json` (vocabulary 131,072, hidden 4,096, 128 experts top-4), bf16
 weights and compute, `num_hidden_layers` cut so that two copies of the weights (transformers' and ours: both
 exist while ours is copied out of transformers') fit in the bytes jax may use on the device
@@ -156,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
     t: dict = {}  # (side, what) -> seconds
 
     hf = C.hf_reference(cfg, s["dtype"], tdev)
-    C.log(f"transformers built ({hf.config._experts_implementation} experts, {hf.config._attn_implementation})")
+    hf_impl = {k: getattr(hf.config, f"_{k}_implementation", None) for k in ("experts", "attn")}
+    C.log(f"transformers built: {hf_impl}")
     for b, p in prompts.items():
         ids = torch.tensor(p, device=tdev)
         D.hf_generate(hf, ids, new, never)
@@ -225,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
         peak_tflops=peak / 1e12, peak_from=spec["name"] if mode == "gpu" else "measured float32 matmul",
         prefill_max_abs_logit_diff=float(np.max(np.abs(ours_logits - hf_logits))),
         weight_gib=sum(x.nbytes for x in jax.tree.leaves(params)) / GiB,
-        reps=reps, machine=C.machine(), **C.versions(),
+        hf_experts=hf_impl["experts"], hf_attention=hf_impl["attn"], reps=reps, machine=C.machine(), **C.versions(),
     )
     return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
 
