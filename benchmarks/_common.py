@@ -175,17 +175,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+def hf_reference(cfg: Any, dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    """A random (eval-mode) `transformers.Mistral4ForCausalLM` for our config `cfg`, built in `dtype`
+    ("float32", "bfloat16") directly on the torch `device` ("cpu", "cuda")."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.Mistral4Config(**cfg.to_hf_dict())
+    with torch.device(device):
+        return transformers.Mistral4ForCausalLM._from_config(hf_cfg, dtype=getattr(torch, dtype)).eval()
+
+
 def save_hf_reference(cfg: Any, directory: str, seed: int = 0):
     """A random float32 `transformers.Mistral4ForCausalLM` for our config `cfg`, saved to `directory`.
 
     Returns the (eval-mode) torch model, so both sides can run the very same weights: load ours from
     `directory` with `mistral4_jax.load(directory, dtype="float32")`.
     """
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.Mistral4ForCausalLM(transformers.Mistral4Config(**cfg.to_hf_dict())).eval()
-    model = model.to(torch.float32)
+    model = hf_reference(cfg, seed=seed)
     model.save_pretrained(directory)
     return model

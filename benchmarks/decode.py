@@ -59,6 +59,31 @@ def _flat(tree, prefix=""):
             yield f"{prefix}{k}", v
 
 
+def time_ours(model, requests) -> tuple[float, float, list]:
+    """(prefill seconds, decode seconds, `Generation`s) of one `model.generator.stream` call without stop
+    tokens (every row runs to its budget): the first chunk arrives after prefill, the rest is decoding."""
+    t0 = time.perf_counter()
+    it = model.generator.stream(requests, [])
+    next(it)
+    t1 = time.perf_counter()
+    for _ in it:
+        pass
+    return t1 - t0, time.perf_counter() - t1, it.result
+
+
+def hf_generate(hf, ids, new: int, stop: int) -> None:
+    """transformers' greedy `generate` of exactly `new` tokens after the prompts `ids` [B, T] (a torch tensor
+    on the model's device), waiting for the device to finish."""
+    import torch
+
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0, eos_token_id=stop)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    assert out.shape[1] == ids.shape[1] + new
+
+
 def read_rate_gbs(mib: int = 512, reps: int = 10) -> float:
     """Streaming-read rate: GB/s of a jitted float32 sum over `mib` MiB."""
     import jax
@@ -91,7 +116,7 @@ def main() -> None:
         from mistral4_jax.serve.generate import Request
 
         cfg = Mistral4Config.from_json(C.config_path(args.config))
-        never = cfg.vocab_size - 1  # a stop id, so rows run to the full budget on both sides
+        never = cfg.vocab_size - 1  # transformers needs a stop id (min_new_tokens keeps it from ending a row); ours runs without
         with tempfile.TemporaryDirectory() as tmp:
             hf = C.save_hf_reference(cfg, tmp)
             ours = mistral4_jax.load(tmp, dtype="float32", layer_loop=args.layer_loop)
@@ -103,13 +128,7 @@ def main() -> None:
             requests = [Request(p.tolist(), args.new) for p in prompts]
 
             def run_ours():
-                t0 = time.perf_counter()
-                it = ours.generator.stream(requests, [never])
-                next(it)
-                t1 = time.perf_counter()
-                for _ in it:
-                    pass
-                return t1 - t0, time.perf_counter() - t1, it.result
+                return time_ours(ours, requests)
 
             C.log(f"batch {b}: compiling ours")
             run_ours()
@@ -121,10 +140,7 @@ def main() -> None:
             ids = torch.tensor(prompts)
 
             def run_hf():
-                with torch.inference_mode():
-                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                                      min_new_tokens=args.new, do_sample=False, pad_token_id=0, eos_token_id=never)
-                assert out.shape[1] == args.prompt + args.new
+                hf_generate(hf, ids, args.new, never)
 
             C.log(f"batch {b}: transformers")
             run_hf()
