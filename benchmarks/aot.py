@@ -79,7 +79,7 @@ def case_record(plan, step, layout: dict | None = None) -> dict:
 def commit() -> str:
     """The checked-out commit, with "+dirty" when tracked files differ from it."""
     try:
-        git = ["git", "-C", C.REPO]
+        git = ["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
         head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                                check=True).stdout.strip()

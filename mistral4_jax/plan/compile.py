@@ -58,8 +58,9 @@ from .. import model as M
 from ..api import resolve_dtype
 from ..config import Mistral4Config
 from ..model import cache_shardings, param_shardings
+from ..model.layers import ATTN_BLOCK
 from ..sharding import DEFAULT_RULES, MESH_AXES, ShardingRules, batch_spec, make_mesh, parse_mesh
-from .memory import GiB, decode_reads, memory_plan
+from .memory import GiB, decode_reads, memory_plan, prefill_flops
 from .hlo import hbm_bytes, parse_collectives
 from .targets import Target, default_mesh, parse_target, target_devices
 
@@ -97,6 +98,7 @@ class StepFigures:
     cost_compile_s: float | None = None  # the two unrolled compiles that give flops, bytes, collectives
     hbm_bytes: float | None = None  # moved through HBM per step by the program as it runs (`hlo.hbm_bytes`)
     collectives: list[Collective] | None = None
+    flops_needed: float | None = None  # prefill: flops this chip must compute, causal (plan.prefill_flops)
     reads_expected: int | None = None  # decode: bytes this chip must read per step (plan.decode_reads)
     reads_worst: int | None = None
     roofline_ms: float | None = None  # per step
@@ -150,16 +152,17 @@ def _unstacked(params: Any) -> Any:
     return out
 
 
-def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode, rules):
+def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode, rules, attn_block):
     """One decode step (decode=True) or prefill chunk written at slot `index`: logits, updated cache."""
     logits, _, cache = M.forward(params, cfg, tokens, positions, jnp.ones(tokens.shape, bool), cache=cache, index=index,
                                  decode=decode, last_only=not decode, dtype=compute_dtype, mesh=mesh,
-                                 rules=rules)
+                                 rules=rules, attn_block=attn_block)
     return logits, cache
 
 
 def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, cache_dtype: Any, batch: int, tokens: int,
-              context: int, decode: bool, unrolled: bool, rules: ShardingRules) -> tuple[Any, float]:
+              context: int, decode: bool, unrolled: bool, rules: ShardingRules,
+              attn_block: int = ATTN_BLOCK) -> tuple[Any, float]:
     """Compile one step: (the compiled program or the compiler's RESOURCE_EXHAUSTED message, seconds)."""
     params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype, rules))
     if unrolled:
@@ -171,7 +174,7 @@ def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, ca
     ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=rows)
     index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     fn = jax.jit(functools.partial(_step, cfg=cfg, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, decode=decode,
-                                   rules=rules),
+                                   rules=rules, attn_block=attn_block),
                  donate_argnums=1, out_shardings=(NamedSharding(mesh, batch_spec(mesh, batch, 3, rules)), cache_sh))
     log.info("compiling %s: %d layers%s, batch %d x %d tokens, %d-slot cache", "decode" if decode else "prefill",
              cfg.num_hidden_layers, " unrolled" if unrolled else "", batch, tokens, context)
@@ -319,12 +322,14 @@ def compile_plan(
         if decode:
             reads = decode_reads(cfg, sizes, dtype, cache_dtype, batch, slots, rules)
             fig.reads_expected, fig.reads_worst = reads.expected, reads.worst
+        else:
+            fig.flops_needed = prefill_flops(cfg, sizes, batch, tokens, rules)[0]
         if cost and fig.error is None and layer_loop == "unroll":
             fig.flops, fig.bytes_accessed, coll, has_loop = _cost(compiled)
             fig.collectives, fig.cost_exact = [Collective(k, c, b) for k, (c, b) in sorted(coll.items())], not has_loop
         elif cost and fig.error is None:
-            flops, nbytes, fig.collectives, fig.cost_exact, secs = _layer_costs(
-                cfg, lambda c: compile_at(c, unrolled=True)[0])
+            flops, nbytes, fig.collectives, fig.cost_exact, secs = _layer_costs(  # attention in one block: counted whole
+                cfg, lambda c: compile_at(c, unrolled=True, attn_block=slots)[0])
             fig.flops, fig.bytes_accessed, fig.cost_compile_s = flops, nbytes, round(secs, 2)
         moved = fig.reads_expected if decode else fig.bytes_accessed
         if moved is not None and fig.fits:
@@ -370,7 +375,8 @@ def format_compiled(p: CompiledPlan) -> str:
             bound = "" if s.cost_exact else " (lower bounds: a loop inside a layer is counted once)"
             accessed = f", {_gib(s.bytes_accessed)} accessed" if s.bytes_accessed is not None else ""
             extra = f"; unrolled compiles {s.cost_compile_s:.1f} s" if s.cost_compile_s is not None else ""
-            lines.append(f"    cost {s.flops / 1e9:,.1f} GFLOP{accessed}{bound}{extra}")
+            needed = f" ({s.flops / s.flops_needed:.2f}x the {s.flops_needed / 1e9:,.1f} needed)" if s.flops_needed else ""
+            lines.append(f"    cost {s.flops / 1e9:,.1f} GFLOP{needed}{accessed}{bound}{extra}")
         if s.roofline_ms is not None:
             unit = "token" if s.step == "decode" else "chunk"
             lines.append(f"    roofline {s.roofline_ms:,.2f} ms per {unit} step -> {s.tokens_per_s:,.0f} tokens/s")

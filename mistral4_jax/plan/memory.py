@@ -184,6 +184,38 @@ def decode_reads(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfl
     return DecodeReads(weights, int(experts * expected / local), experts * worst // local, kv_device, expected, worst)
 
 
+def prefill_flops(cfg: Mistral4Config, mesh: dict[str, int], batch: int = 1, tokens: int = 4096,
+                  rules: ShardingRules = DEFAULT_RULES) -> tuple[float, float]:
+    """(causal, square) flops one device of `mesh` must compute for a prefill chunk of `batch` x `tokens`
+    (no cached prefix; logits of the last token only).
+
+    2 x tokens x its share of every matmul weight (the embedding is a lookup; the lm_head runs on one token
+    per row), plus the routed experts: tokens x K copies, each through one expert, spread evenly over the
+    expert shards; plus attention: scores (qk_nope + qk_rope dims) and values (v dims) for its heads over
+    (tokens + 1) / 2 keys per query (causal) or over all `tokens` (square: what a kernel without causal
+    block skipping computes).
+    """
+    mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    n = batch * tokens
+    e_ax, h_ax = rules.get("experts"), rules.get("heads")
+    ep = mesh[e_ax] if e_ax else 1
+    flops = 0.0
+    for key, leaf, names in _param_leaves(cfg, jnp.float32, mesh, rules):
+        if len(leaf.shape) < 2 or key.endswith(".scale") or (key == "['embed']" and not cfg.tie_word_embeddings):
+            continue
+        _, device = _leaf_bytes(leaf, names, mesh, rules, key)
+        elements = device / 4  # float32 leaves
+        if "experts" in names:  # [layers, E, ...]: one expert's share per token copy, E/ep experts held
+            flops += 2.0 * n * cfg.num_experts_per_tok / ep * elements / (leaf.shape[1] / ep)
+        elif key == "['lm_head']" or (key == "['embed']" and cfg.tie_word_embeddings):
+            flops += 2.0 * batch * elements
+        else:
+            flops += 2.0 * n * elements
+    heads = cfg.num_attention_heads / (mesh[h_ax] if h_ax else 1)
+    per_key = 2.0 * n * heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers
+    return flops + per_key * (tokens + 1) / 2, flops + per_key * tokens
+
+
 def format_plan(p: MemoryPlan) -> str:
     """A short human-readable summary."""
     mesh = ",".join(f"{a}={p.mesh[a]}" for a in MESH_AXES)
