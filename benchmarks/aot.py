@@ -59,6 +59,8 @@ def case_record(plan, step, layout: dict | None = None) -> dict:
         rec.update(must_read_gib=_gib(step.reads_expected), must_read_worst_gib=_gib(step.reads_worst))
     if step.flops is not None:
         rec.update(gflops=round(step.flops / 1e9, 2), cost_exact=step.cost_exact)
+        if step.flops_needed:
+            rec.update(gflops_needed=round(step.flops_needed / 1e9, 2), flops_over_needed=round(step.flops / step.flops_needed, 3))
     if step.hbm_bytes is not None:
         rec["hbm_gib"] = _gib(step.hbm_bytes)
         if step.reads_worst:
