@@ -3,6 +3,8 @@ that divide neither T nor S, on both MLA paths, and its compiled temporaries gro
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,9 @@ import torch
 
 import mistral4_jax
 from mistral4_jax import model as M
-from helpers import TINY, hf_and_model, hf_greedy_batch
+from mistral4_jax.model.splash import resolve_attn_backend
+from mistral4_jax.sharding import make_mesh
+from helpers import TINY, hf_and_model, hf_greedy_batch, make_hf_model, save_hf
 
 CFG = TINY.replace(original_max_position_embeddings=4)  # YaRN + the Llama-4 query scale active
 ATOL = 1e-4
@@ -134,3 +138,53 @@ def test_attn_block_must_be_positive(pair):
     _, model = pair
     with pytest.raises(ValueError, match="attn_block must be a positive"):
         model.apply(model.params, np.zeros((1, 4), np.int32), np.arange(4)[None], np.ones((1, 4), bool), attn_block=0)
+
+
+# ------------------------------------------------------------------------------- the fused TPU kernel
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("splash")
+    hf = make_hf_model(CFG, 5)
+    save_hf(hf, str(directory))
+    return hf, directory
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2,expert=2,tensor=2"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_splash_prefill_matches_transformers(saved, mesh, padding):
+    """The TPU prefill kernel (Pallas splash attention, run by Pallas' interpreter on CPU) on T = 150 tokens
+    (padded to 256 for its 128-token blocks), one device or batch and heads split over an 8-device mesh:
+    the logits of transformers at every real token, and of the XLA blockwise path."""
+    hf, directory = saved
+    model = _load(directory, mesh)
+    t = 150
+    ids = np.random.default_rng(3).integers(3, CFG.vocab_size, size=(2, t))
+    mask = np.ones_like(ids)
+    if padding == "right":
+        mask[1, 100:] = 0
+    else:
+        mask[1, :40] = 0
+    ids[mask == 0] = CFG.pad_token_id
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits.numpy()
+    fused = jax.jit(lambda p: model.apply(p, ids, pos, mask.astype(bool), attn_backend="splash")[0])
+    assert "pallas_call" in str(jax.make_jaxpr(fused)(model.params))
+    ours = np.asarray(fused(model.params))
+    xla, _, _ = model.apply(model.params, ids, pos, mask.astype(bool), attn_backend="xla")
+    real = mask.astype(bool)
+    _close(ref[real], ours[real])
+    np.testing.assert_allclose(ours[real], np.asarray(xla)[real], atol=1e-4)
+
+
+def _load(directory, mesh):
+    return mistral4_jax.load(directory, mesh=None if mesh is None else make_mesh(mesh))
+
+
+def test_attn_backend_choice():
+    tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
+    assert resolve_attn_backend("auto", 192, 128, tpu) == "splash"
+    assert resolve_attn_backend("auto", 16, 16, tpu) == "xla"  # head dims the kernel does not tile
+    assert resolve_attn_backend("auto", 192, 128) == "xla"  # this CPU
+    with pytest.raises(ValueError, match="attn_backend must be one of auto, xla, splash, got 'flash'"):
+        resolve_attn_backend("flash", 192, 128)

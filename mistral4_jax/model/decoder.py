@@ -18,6 +18,7 @@ from .vision import scatter_image_features
 from .cache import Cache, LayerCache
 from .layers import ATTN_BLOCK, decoder_layer, rms_norm
 from .moe import resolve_moe_backend
+from .splash import resolve_attn_backend
 from .params import layer_groups
 from .rope import llama4_query_scale, rope_cos_sin
 
@@ -44,6 +45,7 @@ def forward(
     moe_backend: str = "auto",
     rules: ShardingRules = DEFAULT_RULES,
     attn_block: int = ATTN_BLOCK,
+    attn_backend: str = "auto",
 ) -> tuple[Array, Array | None, Cache | None]:
     """The decoder: embed, layer groups, final norm, lm_head.
 
@@ -62,7 +64,8 @@ def forward(
     `moe_backend`: the routed experts' kernel (`resolve_moe_backend`: "auto" = "loop" on CPU, "ragged"
     on TPU/GPU). `rules`: the layout of the activations and the expert-parallel MoE on `mesh`.
     `attn_block`: keys per attention block (`layers.mla`): attention temporaries grow with T x attn_block,
-    not with T x S (no [B, T, S] mask is built either).
+    not with T x S (no [B, T, S] mask is built either). `attn_backend`: the prefill attention's kernel
+    (`splash.resolve_attn_backend`: "auto" = the fused "splash" kernel on TPU, else "xla", the blockwise one).
     Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
     """
     if attn_block < 1:
@@ -86,12 +89,13 @@ def forward(
         attn_valid, q_slot = key_valid, jnp.arange(t)
     expert_ids = None
     moe_backend = resolve_moe_backend(moe_backend, mesh)
+    attn_backend = resolve_attn_backend(attn_backend, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, mesh)
     for name, _, moe in layer_groups(cfg):
         group_cache = None if cache is None else cache.groups[name]
 
         def layer(p, h, lc, expert_layer=None):
             return decoder_layer(p, h, cos, sin, qscale, attn_valid, q_slot, cfg, dtype, mesh, moe_backend, lc,
-                                 index, decode, rules, attn_block, expert_layer)
+                                 index, decode, rules, attn_block, expert_layer, attn_backend)
 
         stacked_experts = {} if not moe or isinstance(params[name], list) else {
             k: v for k, v in params[name]["moe"].items() if k in ROUTED_EXPERTS}

@@ -24,6 +24,7 @@ from ..weights.quant import qeinsum
 from .cache import LayerCache
 from .moe import route, routed_experts, sharded_routed_experts
 from .rope import apply_rope
+from .splash import splash_causal_attention
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -91,7 +92,8 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], ke
 
 def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
         cfg: Mistral4Config, dtype: Any, cache: LayerCache | None = None, index: Array | int = 0,
-        decode: bool = False, attn_block: int = ATTN_BLOCK):
+        decode: bool = False, attn_block: int = ATTN_BLOCK, attn_backend: str = "xla", mesh: Any = None,
+        rules: ShardingRules = DEFAULT_RULES):
     """Multi-head latent attention: low-rank q and kv, one rope key shared by all heads.
 
     x [B, T, D], cos/sin [B, T, R/2], qscale [B, T] -> ([B, T, D], cache).
@@ -100,7 +102,8 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
     With `decode`: attention over the whole latent cache (key_valid [B, S]) with `kv_b_proj` absorbed into
     the query (scores) and the output (values), never expanding the cache per head. T may be > 1: a chunk
     of new tokens then attends to the cached prefix and to itself (causally, through q_slot).
-    Both run over `attn_block` keys at a time (`_attend`).
+    Both run over `attn_block` keys at a time (`_attend`); with `attn_backend` "splash" (TPU) the prefill
+    attention is one fused kernel instead (`splash.splash_causal_attention`, sharded on `mesh` by `rules`).
     `cache` = this layer's `LayerCache` (latent [B, S, L], k_rope [B, S, R]) or None; the new tokens are
     written at slot `index`.
     """
@@ -134,6 +137,12 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
 
         ctx = _attend(scores, values, (cache.latent, cache.k_rope), key_valid, q_slot, scale, dtype, attn_block)
         out = qeinsum("btnl,lnv->btnv", ctx, p["v_b_proj"])  # v_b [L, N, V]
+    elif attn_backend == "splash":
+        k_nope = qeinsum("bsl,lnp->bsnp", latent, p["k_b_proj"])  # [B, T, N, P]
+        k_all = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])], -1)
+        q_all = jnp.concatenate([q_nope, q_rope], -1) * jnp.swapaxes(scale, 1, 2).astype(dtype)  # [B, T, N, H]
+        v = qeinsum("bsl,lnv->bsnv", latent, p["v_b_proj"])  # [B, T, N, V]
+        out = splash_causal_attention(q_all.astype(dtype), k_all.astype(dtype), v.astype(dtype), key_valid, mesh, rules)
     else:
         def scores(lat_s: Array, rope_s: Array) -> Array:  # new-token blocks [B, S', L], [B, S', R]
             k_nope = qeinsum("bsl,lnp->bsnp", lat_s, p["k_b_proj"])
@@ -167,12 +176,14 @@ def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
 def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
                   cfg: Mistral4Config, dtype: Any, mesh: Any = None, moe_backend: str = "loop",
                   cache: LayerCache | None = None, index: Array | int = 0, decode: bool = False,
-                  rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK, expert_layer: Array | None = None):
+                  rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK, expert_layer: Array | None = None,
+                  attn_backend: str = "xla"):
     """h + attn(norm(h)), then + ffn(norm(h)), the ffn the MoE if p has one, else the dense MLP.
     h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache)); key_valid, q_slot as `mla`'s.
     `expert_layer`: p's routed experts are the group's stacks [Lg, E, ...] and this is layer `expert_layer`."""
     x = rms_norm(p["input_norm"], h, cfg.rms_norm_eps, dtype)
-    a, cache = mla(p["attn"], x, cos, sin, qscale, key_valid, q_slot, cfg, dtype, cache, index, decode, attn_block)
+    a, cache = mla(p["attn"], x, cos, sin, qscale, key_valid, q_slot, cfg, dtype, cache, index, decode, attn_block,
+                   attn_backend, mesh, rules)
     h = h + a
     x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps, dtype)
     if "moe" in p:

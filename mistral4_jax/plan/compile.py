@@ -26,7 +26,9 @@ What the figures are (all per device):
   `layer_loop="unroll"` the one program is compiled unrolled and read directly. A data-dependent loop
   inside a layer (an expert loop) is still counted once: `cost_exact` is False when the per-layer
   program has a `while` loop, and its flops and bytes are then lower bounds. GPU compilers give no cost
-  analysis (None). A collective's bytes are the size of its result on one device.
+  analysis (None). A collective's bytes are the size of its result on one device. These compiles run the
+  prefill attention through XLA in one block (a fused kernel's flops are invisible to the cost analysis),
+  so they count it whole (T x T), where the TPU kernel skips the blocks above the diagonal.
 - HBM bytes: what the program as it runs (scanned layers, loops times their trip counts) reads and writes
   in HBM per step, walked from its HLO (`hlo.hbm_bytes`: VMEM-resident operands excluded, sliced operands
   counted as slices, the costlier branch of each conditional). XLA's "bytes accessed" counts prefetched
@@ -153,17 +155,18 @@ def _unstacked(params: Any) -> Any:
     return out
 
 
-def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode, rules, attn_block):
+def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype, mesh, decode, rules, attn_block,
+          attn_backend):
     """One decode step (decode=True) or prefill chunk written at slot `index`: logits, updated cache."""
     logits, _, cache = M.forward(params, cfg, tokens, positions, jnp.ones(tokens.shape, bool), cache=cache, index=index,
                                  decode=decode, last_only=not decode, dtype=compute_dtype, mesh=mesh,
-                                 rules=rules, attn_block=attn_block)
+                                 rules=rules, attn_block=attn_block, attn_backend=attn_backend)
     return logits, cache
 
 
 def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, cache_dtype: Any, batch: int, tokens: int,
               context: int, decode: bool, unrolled: bool, rules: ShardingRules,
-              attn_block: int = ATTN_BLOCK) -> tuple[Any, float]:
+              attn_block: int = ATTN_BLOCK, attn_backend: str = "auto") -> tuple[Any, float]:
     """Compile one step: (the compiled program or the compiler's RESOURCE_EXHAUSTED message, seconds)."""
     params = _abstract(M.abstract_params(cfg, dtype), param_shardings(cfg, mesh, dtype, rules))
     if unrolled:
@@ -175,7 +178,7 @@ def _compiled(cfg: Mistral4Config, mesh: Any, dtype: Any, compute_dtype: Any, ca
     ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=rows)
     index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     fn = jax.jit(functools.partial(_step, cfg=cfg, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, decode=decode,
-                                   rules=rules, attn_block=attn_block),
+                                   rules=rules, attn_block=attn_block, attn_backend=attn_backend),
                  donate_argnums=1, out_shardings=(NamedSharding(mesh, batch_spec(mesh, batch, 3, rules)), cache_sh))
     log.info("compiling %s: %d layers%s, batch %d x %d tokens, %d-slot cache", "decode" if decode else "prefill",
              cfg.num_hidden_layers, " unrolled" if unrolled else "", batch, tokens, context)
@@ -330,8 +333,8 @@ def compile_plan(
             fig.flops, fig.bytes_accessed, coll, has_loop = _cost(compiled)
             fig.collectives, fig.cost_exact = [Collective(k, c, b) for k, (c, b) in sorted(coll.items())], not has_loop
         elif cost and fig.error is None:
-            flops, nbytes, fig.collectives, fig.cost_exact, secs = _layer_costs(  # attention in one block: counted whole
-                cfg, lambda c: compile_at(c, unrolled=True, attn_block=slots)[0])
+            flops, nbytes, fig.collectives, fig.cost_exact, secs = _layer_costs(  # XLA's attention in one block: counted
+                cfg, lambda c: compile_at(c, unrolled=True, attn_block=slots, attn_backend="xla")[0])  # whole (not a kernel)
             fig.flops, fig.bytes_accessed, fig.cost_compile_s = flops, nbytes, round(secs, 2)
         moved = fig.reads_expected if decode else fig.bytes_accessed
         if moved is not None and fig.fits:
