@@ -44,14 +44,24 @@ def mlp(p: Params, x: Array, cfg: Mistral4Config) -> Array:
     return qeinsum("...i,id->...d", h, p["down_proj"])
 
 
-def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], keys: tuple[Array, ...],
-            key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
-    """softmax(masked scores * scale) @ values over S keys, `block` keys at a time (online softmax).
+def _key_block(keys: tuple[Array, ...], layer: Array | int, start: Array | int, size: int) -> list[Array]:
+    """Layer `layer`'s key slots start..start+size-1 of each array [Lg, B, S, ...] -> [B, size, ...]: one
+    dynamic_slice at (layer, 0, start, 0), so no copy of the layer's whole slice is made."""
+    at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(start, jnp.int32))
+    return [jax.lax.dynamic_slice(k, at + (jnp.int32(0),) * (k.ndim - 3), (1, k.shape[1], size) + k.shape[3:])[0]
+            for k in keys]
 
-    keys: arrays [B, S, ...], cut along S; for a block of S' keys scores_fn(*keys) -> scores [B, N, T, S'] and
-    values_fn(probs [B, N, T, S'] (dtype), *keys) -> [B, T, N, C]. Key slot s is visible to query t where
-    key_valid[b, s] and s <= q_slot[t] (causal by slot): key_valid [B, S] bool, q_slot [T] int,
-    scale [B, 1, T, 1] (float32 scores are multiplied by it). Returns [B, T, N, C] (dtype).
+
+def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], keys: tuple[Array, ...],
+            layer: Array | int, key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
+    """softmax(masked scores * scale) @ values over the S keys of layer `layer`, `block` keys at a time
+    (online softmax).
+
+    keys: arrays [Lg, B, S, ...] (a layer group's cache, or [1, B, T, ...] new tokens with layer 0), read one
+    block of S' keys of layer `layer` at a time (`_key_block`); for such a block scores_fn(*blocks [B, S', ...])
+    -> scores [B, N, T, S'] and values_fn(probs [B, N, T, S'] (dtype), *blocks) -> [B, T, N, C]. Key slot s is
+    visible to query t where key_valid[b, s] and s <= q_slot[t] (causal by slot): key_valid [B, S] bool,
+    q_slot [T] int, scale [B, 1, T, 1] (float32 scores are multiplied by it). Returns [B, T, N, C] (dtype).
     S <= block, or a decode step (T = 1, scores only [B, N, 1, S]): one block, a plain softmax. Otherwise
     `lax.scan` over ceil(S / block) key blocks carrying the float32 running max and sum [B, N, T] and the
     unnormalised output [B, T, N, C], so the temporaries are [B, N, T, block], never [B, N, T, S]. The last
@@ -67,12 +77,13 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], ke
         return jnp.where(ok[:, None], scores_fn(*ks).astype(jnp.float32) * scale, _NEG_INF)
 
     if t == 1 or s <= block:
-        return values_fn(jax.nn.softmax(masked_scores(list(keys), 0, 0), axis=-1).astype(dtype), *keys)
+        ks = _key_block(keys, layer, 0, s)
+        return values_fn(jax.nn.softmax(masked_scores(ks, 0, 0), axis=-1).astype(dtype), *ks)
 
     def step(carry: tuple[Array, Array, Array], i: Array) -> tuple[tuple[Array, Array, Array], None]:
         run_max, run_sum, acc = carry
         start = jnp.minimum(i * block, s - block)
-        ks = [jax.lax.dynamic_slice_in_dim(k, start, block, axis=1) for k in keys]
+        ks = _key_block(keys, layer, start, block)
         scores = masked_scores(ks, start, i * block)
         new_max = jnp.maximum(run_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
@@ -80,7 +91,7 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], ke
         acc = acc * jnp.swapaxes(decay, 1, 2)[..., None] + values_fn(probs.astype(dtype), *ks).astype(jnp.float32)
         return (new_max, run_sum * decay + probs.sum(-1), acc), None
 
-    blocks = [jax.ShapeDtypeStruct((k.shape[0], block) + k.shape[2:], k.dtype) for k in keys]
+    blocks = [jax.ShapeDtypeStruct((k.shape[1], block) + k.shape[3:], k.dtype) for k in keys]
     score_shape = jax.eval_shape(scores_fn, *blocks).shape  # [B, N, T, block]
     out_shape = jax.eval_shape(values_fn, jax.ShapeDtypeStruct(score_shape, dtype), *blocks).shape  # [B, T, N, C]
     init = (jnp.full(score_shape[:3], _NEG_INF, jnp.float32), jnp.zeros(score_shape[:3], jnp.float32),
@@ -90,19 +101,19 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], ke
 
 
 def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
-        cfg: Mistral4Config, dtype: Any, cache: LayerCache | None = None, index: Array | int = 0,
-        decode: bool = False, attn_block: int = ATTN_BLOCK):
+        cfg: Mistral4Config, dtype: Any, cache: LayerCache | None = None, layer: Array | int = 0,
+        index: Array | int = 0, decode: bool = False, attn_block: int = ATTN_BLOCK):
     """Multi-head latent attention: low-rank q and kv, one rope key shared by all heads.
 
     x [B, T, D], cos/sin [B, T, R/2], qscale [B, T] -> ([B, T, D], cache).
     Query t sees key slot s where key_valid[b, s] and s <= q_slot[t] (q_slot [T] int).
     Without `decode`: attention among the T new tokens (key_valid [B, T]), expanded per head block by block.
-    With `decode`: attention over the whole latent cache (key_valid [B, S]) with `kv_b_proj` absorbed into
-    the query (scores) and the output (values), never expanding the cache per head. T may be > 1: a chunk
+    With `decode`: attention over layer `layer` of the latent cache (key_valid [B, S]) with `kv_b_proj` absorbed
+    into the query (scores) and the output (values), never expanding the cache per head. T may be > 1: a chunk
     of new tokens then attends to the cached prefix and to itself (causally, through q_slot).
     Both run over `attn_block` keys at a time (`_attend`).
-    `cache` = this layer's `LayerCache` (latent [B, S, L], k_rope [B, S, R]) or None; the new tokens are
-    written at slot `index`.
+    `cache` = the layer group's `LayerCache` (latent [Lg, B, S, L], k_rope [Lg, B, S, R]) or None; the new
+    tokens are written into it at (layer, 0, index, 0), the one write of this layer's cache.
     """
     c = cfg
     p_dims, lat = c.qk_nope_head_dim, c.kv_lora_rank
@@ -119,9 +130,9 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
     k_b, v_b = dequantize(p["k_b_proj"], dtype), dequantize(p["v_b_proj"], dtype)  # [L, N, P], [L, N, V]
     scale = qscale[:, None, :, None] * c.softmax_scale
     if cache is not None:
-        cache = LayerCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.latent, latent.astype(cache.latent.dtype), index, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(cache.k_rope, k_rope.astype(cache.k_rope.dtype), index, axis=1))
+        at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(index, jnp.int32), jnp.int32(0))
+        cache = jax.tree.map(lambda g, new: jax.lax.dynamic_update_slice(g, new.astype(g.dtype)[None], at),
+                             cache, LayerCache(latent, k_rope))
     if decode:
         assert cache is not None, "decode attends over a cache"
         q_lat = jnp.einsum("btnp,lnp->btnl", q_nope, k_b)
@@ -133,7 +144,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
         def values(probs: Array, lat_s: Array, rope_s: Array) -> Array:
             return jnp.einsum("bnts,bsl->btnl", probs, lat_s.astype(dtype))
 
-        ctx = _attend(scores, values, (cache.latent, cache.k_rope), key_valid, q_slot, scale, dtype, attn_block)
+        ctx = _attend(scores, values, (cache.latent, cache.k_rope), layer, key_valid, q_slot, scale, dtype, attn_block)
         out = jnp.einsum("btnl,lnv->btnv", ctx, v_b)
     else:
         def scores(lat_s: Array, rope_s: Array) -> Array:  # new-token blocks [B, S', L], [B, S', R]
@@ -143,7 +154,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
         def values(probs: Array, lat_s: Array, rope_s: Array) -> Array:
             return jnp.einsum("bnts,bsnv->btnv", probs, jnp.einsum("bsl,lnv->bsnv", lat_s, v_b))
 
-        out = _attend(scores, values, (latent, k_rope), key_valid, q_slot, scale, dtype, attn_block)
+        out = _attend(scores, values, (latent[None], k_rope[None]), 0, key_valid, q_slot, scale, dtype, attn_block)
     return qeinsum("btnv,nvd->btd", out, p["o_proj"]), cache
 
 
@@ -167,12 +178,14 @@ def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
 
 def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
                   cfg: Mistral4Config, dtype: Any, mesh: Any = None, moe_backend: str = "loop",
-                  cache: LayerCache | None = None, index: Array | int = 0, decode: bool = False,
-                  rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK):
+                  cache: LayerCache | None = None, layer: Array | int = 0, index: Array | int = 0,
+                  decode: bool = False, rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK):
     """h + attn(norm(h)), then + ffn(norm(h)), the ffn the MoE if p has one, else the dense MLP.
-    h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache)); key_valid, q_slot as `mla`'s."""
+    h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache)); key_valid, q_slot, the group cache
+    [Lg, B, S, .] and this layer's index `layer` in it as `mla`'s."""
     x = rms_norm(p["input_norm"], h, cfg.rms_norm_eps, dtype)
-    a, cache = mla(p["attn"], x, cos, sin, qscale, key_valid, q_slot, cfg, dtype, cache, index, decode, attn_block)
+    a, cache = mla(p["attn"], x, cos, sin, qscale, key_valid, q_slot, cfg, dtype, cache, layer, index, decode,
+                   attn_block)
     h = h + a
     x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps, dtype)
     if "moe" in p:
