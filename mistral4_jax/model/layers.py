@@ -44,24 +44,15 @@ def mlp(p: Params, x: Array, cfg: Mistral4Config) -> Array:
     return qeinsum("...i,id->...d", h, p["down_proj"])
 
 
-def _key_block(keys: tuple[Array, ...], layer: Array | int, start: Array | int, size: int) -> list[Array]:
-    """Layer `layer`'s key slots start..start+size-1 of each array [Lg, B, S, ...] -> [B, size, ...]: one
-    dynamic_slice at (layer, 0, start, 0), so no copy of the layer's whole slice is made."""
-    at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(start, jnp.int32))
-    return [jax.lax.dynamic_slice(k, at + (jnp.int32(0),) * (k.ndim - 3), (1, k.shape[1], size) + k.shape[3:])[0]
-            for k in keys]
+def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], keys: Callable[[Array | int, int], list[Array]],
+            key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
+    """softmax(masked scores * scale) @ values over S keys, `block` keys at a time (online softmax).
 
-
-def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], keys: tuple[Array, ...],
-            layer: Array | int, key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
-    """softmax(masked scores * scale) @ values over the S keys of layer `layer`, `block` keys at a time
-    (online softmax).
-
-    keys: arrays [Lg, B, S, ...] (a layer group's cache, or [1, B, T, ...] new tokens with layer 0), read one
-    block of S' keys of layer `layer` at a time (`_key_block`); for such a block scores_fn(*blocks [B, S', ...])
-    -> scores [B, N, T, S'] and values_fn(probs [B, N, T, S'] (dtype), *blocks) -> [B, T, N, C]. Key slot s is
-    visible to query t where key_valid[b, s] and s <= q_slot[t] (causal by slot): key_valid [B, S] bool,
-    q_slot [T] int, scale [B, 1, T, 1] (float32 scores are multiplied by it). Returns [B, T, N, C] (dtype).
+    keys(start, size) -> the key arrays of slots start..start+size-1, each [B, size, ...] (read where they lie,
+    no copy of all S); for such a block of S' keys scores_fn(*blocks) -> scores [B, N, T, S'] and
+    values_fn(probs [B, N, T, S'] (dtype), *blocks) -> [B, T, N, C]. Key slot s is visible to query t where
+    key_valid[b, s] and s <= q_slot[t] (causal by slot): key_valid [B, S] bool, q_slot [T] int,
+    scale [B, 1, T, 1] (float32 scores are multiplied by it). Returns [B, T, N, C] (dtype).
     S <= block, or a decode step (T = 1, scores only [B, N, 1, S]): one block, a plain softmax. Otherwise
     `lax.scan` over ceil(S / block) key blocks carrying the float32 running max and sum [B, N, T] and the
     unnormalised output [B, T, N, C], so the temporaries are [B, N, T, block], never [B, N, T, S]. The last
@@ -77,13 +68,13 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], ke
         return jnp.where(ok[:, None], scores_fn(*ks).astype(jnp.float32) * scale, _NEG_INF)
 
     if t == 1 or s <= block:
-        ks = _key_block(keys, layer, 0, s)
+        ks = keys(0, s)
         return values_fn(jax.nn.softmax(masked_scores(ks, 0, 0), axis=-1).astype(dtype), *ks)
 
     def step(carry: tuple[Array, Array, Array], i: Array) -> tuple[tuple[Array, Array, Array], None]:
         run_max, run_sum, acc = carry
         start = jnp.minimum(i * block, s - block)
-        ks = _key_block(keys, layer, start, block)
+        ks = keys(start, block)
         scores = masked_scores(ks, start, i * block)
         new_max = jnp.maximum(run_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
@@ -91,13 +82,30 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], ke
         acc = acc * jnp.swapaxes(decay, 1, 2)[..., None] + values_fn(probs.astype(dtype), *ks).astype(jnp.float32)
         return (new_max, run_sum * decay + probs.sum(-1), acc), None
 
-    blocks = [jax.ShapeDtypeStruct((k.shape[1], block) + k.shape[3:], k.dtype) for k in keys]
+    blocks = jax.eval_shape(lambda: keys(0, block))
     score_shape = jax.eval_shape(scores_fn, *blocks).shape  # [B, N, T, block]
     out_shape = jax.eval_shape(values_fn, jax.ShapeDtypeStruct(score_shape, dtype), *blocks).shape  # [B, T, N, C]
     init = (jnp.full(score_shape[:3], _NEG_INF, jnp.float32), jnp.zeros(score_shape[:3], jnp.float32),
             jnp.zeros(out_shape, jnp.float32))
     (_, run_sum, acc), _ = jax.lax.scan(step, init, jnp.arange(-(-s // block)))
     return (acc / jnp.swapaxes(run_sum, 1, 2)[..., None]).astype(dtype)
+
+
+def _cache_block(cache: LayerCache, new: LayerCache, layer: Array | int, index: Array | int, start: Array | int,
+                 size: int) -> list[Array]:
+    """Layer `layer`'s slots start..start+size-1 of the group cache [Lg, B, S, .] as it is once the T new tokens
+    new [B, T, .] are written at slot `index`: [B, size, L], [B, size, R] in the cache's dtype. Read from the
+    cache before that write (a dynamic_slice at (layer, 0, start, 0), no copy of the layer's slice) with the
+    new tokens selected in, so the cache is written once (`mla`) and read once."""
+    slot = start + jnp.arange(size) - index  # [size]: which new token a slot holds, where in [0, T)
+    t = new.latent.shape[1]
+    at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(start, jnp.int32), jnp.int32(0))
+
+    def block(g: Array, x: Array) -> Array:
+        old = jax.lax.dynamic_slice(g, at, (1, g.shape[1], size, g.shape[3]))[0]
+        return jnp.where(((slot >= 0) & (slot < t))[:, None], jnp.take(x, jnp.clip(slot, 0, t - 1), axis=1).astype(g.dtype), old)
+
+    return [block(cache.latent, new.latent), block(cache.k_rope, new.k_rope)]
 
 
 def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
@@ -129,12 +137,16 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
     k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, T, R]
     k_b, v_b = dequantize(p["k_b_proj"], dtype), dequantize(p["v_b_proj"], dtype)  # [L, N, P], [L, N, V]
     scale = qscale[:, None, :, None] * c.softmax_scale
+    new = LayerCache(latent, k_rope)  # [B, T, L], [B, T, R]
+    old = cache
     if cache is not None:
         at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(index, jnp.int32), jnp.int32(0))
-        cache = jax.tree.map(lambda g, new: jax.lax.dynamic_update_slice(g, new.astype(g.dtype)[None], at),
-                             cache, LayerCache(latent, k_rope))
+        cache = jax.tree.map(lambda g, x: jax.lax.dynamic_update_slice(g, x.astype(g.dtype)[None], at), cache, new)
     if decode:
-        assert cache is not None, "decode attends over a cache"
+        assert old is not None, "decode attends over a cache"
+
+        def keys(start: Array | int, size: int) -> list[Array]:  # the updated cache's blocks [B, size, L], [B, size, R]
+            return _cache_block(old, new, layer, index, start, size)
         q_lat = jnp.einsum("btnp,lnp->btnl", q_nope, k_b)
 
         def scores(lat_s: Array, rope_s: Array) -> Array:  # cache blocks [B, S', L], [B, S', R]
@@ -144,7 +156,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
         def values(probs: Array, lat_s: Array, rope_s: Array) -> Array:
             return jnp.einsum("bnts,bsl->btnl", probs, lat_s.astype(dtype))
 
-        ctx = _attend(scores, values, (cache.latent, cache.k_rope), layer, key_valid, q_slot, scale, dtype, attn_block)
+        ctx = _attend(scores, values, keys, key_valid, q_slot, scale, dtype, attn_block)
         out = jnp.einsum("btnl,lnv->btnv", ctx, v_b)
     else:
         def scores(lat_s: Array, rope_s: Array) -> Array:  # new-token blocks [B, S', L], [B, S', R]
@@ -154,7 +166,10 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
         def values(probs: Array, lat_s: Array, rope_s: Array) -> Array:
             return jnp.einsum("bnts,bsnv->btnv", probs, jnp.einsum("bsl,lnv->bsnv", lat_s, v_b))
 
-        out = _attend(scores, values, (latent[None], k_rope[None]), 0, key_valid, q_slot, scale, dtype, attn_block)
+        def keys(start: Array | int, size: int) -> list[Array]:  # the new tokens' blocks [B, size, L], [B, size, R]
+            return [jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (latent, k_rope)]
+
+        out = _attend(scores, values, keys, key_valid, q_slot, scale, dtype, attn_block)
     return qeinsum("btnv,nvd->btd", out, p["o_proj"]), cache
 
 
