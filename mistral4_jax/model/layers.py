@@ -44,8 +44,8 @@ def mlp(p: Params, x: Array, cfg: Mistral4Config) -> Array:
     return qeinsum("...i,id->...d", h, p["down_proj"])
 
 
-def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], keys: Callable[[Array | int, int], list[Array]],
-            key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
+def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array],
+            keys: Callable[[Array | int, int], list[Array]], key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
     """softmax(masked scores * scale) @ values over S keys, `block` keys at a time (online softmax).
 
     keys(start, size) -> the key arrays of slots start..start+size-1, each [B, size, ...] (read where they lie,
@@ -94,16 +94,19 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], ke
 def _cache_block(cache: LayerCache, new: LayerCache, layer: Array | int, index: Array | int, start: Array | int,
                  size: int) -> list[Array]:
     """Layer `layer`'s slots start..start+size-1 of the group cache [Lg, B, S, .] as it is once the T new tokens
-    new [B, T, .] are written at slot `index`: [B, size, L], [B, size, R] in the cache's dtype. Read from the
-    cache before that write (a dynamic_slice at (layer, 0, start, 0), no copy of the layer's slice) with the
-    new tokens selected in, so the cache is written once (`mla`) and read once."""
-    slot = start + jnp.arange(size) - index  # [size]: which new token a slot holds, where in [0, T)
-    t = new.latent.shape[1]
+    new [B, T, .] are written at slot `index` (clamped as dynamic_update_slice clamps it): [B, size, L],
+    [B, size, R] in the cache's dtype. Read from the cache before that write, a dynamic_slice at
+    (layer, 0, start, 0) (no copy of the layer's slice), with the new tokens selected in: the attention does not
+    depend on the write, which keeps the carried cache in place (reading it back after the write made XLA:TPU
+    copy the whole cache into another layout and back every step)."""
+    t, s = new.latent.shape[1], cache.latent.shape[2]
+    slot = start + jnp.arange(size) - jnp.clip(index, 0, s - t)  # [size]: the new token a slot holds, if in [0, T)
+    is_new = ((slot >= 0) & (slot < t))[:, None]  # [size, 1]
     at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(start, jnp.int32), jnp.int32(0))
 
-    def block(g: Array, x: Array) -> Array:
+    def block(g: Array, x: Array) -> Array:  # g [Lg, B, S, C], x [B, T, C] -> [B, size, C]
         old = jax.lax.dynamic_slice(g, at, (1, g.shape[1], size, g.shape[3]))[0]
-        return jnp.where(((slot >= 0) & (slot < t))[:, None], jnp.take(x, jnp.clip(slot, 0, t - 1), axis=1).astype(g.dtype), old)
+        return jnp.where(is_new, jnp.take(x, jnp.clip(slot, 0, t - 1), axis=1).astype(g.dtype), old)
 
     return [block(cache.latent, new.latent), block(cache.k_rope, new.k_rope)]
 
@@ -137,8 +140,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
     k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, T, R]
     k_b, v_b = dequantize(p["k_b_proj"], dtype), dequantize(p["v_b_proj"], dtype)  # [L, N, P], [L, N, V]
     scale = qscale[:, None, :, None] * c.softmax_scale
-    new = LayerCache(latent, k_rope)  # [B, T, L], [B, T, R]
-    old = cache
+    new, old = LayerCache(latent, k_rope), cache  # the new tokens [B, T, L], [B, T, R]; the cache before the write
     if cache is not None:
         at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(index, jnp.int32), jnp.int32(0))
         cache = jax.tree.map(lambda g, x: jax.lax.dynamic_update_slice(g, x.astype(g.dtype)[None], at), cache, new)
@@ -147,6 +149,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
 
         def keys(start: Array | int, size: int) -> list[Array]:  # the updated cache's blocks [B, size, L], [B, size, R]
             return _cache_block(old, new, layer, index, start, size)
+
         q_lat = jnp.einsum("btnp,lnp->btnl", q_nope, k_b)
 
         def scores(lat_s: Array, rope_s: Array) -> Array:  # cache blocks [B, S', L], [B, S', R]
