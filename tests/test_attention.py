@@ -149,8 +149,7 @@ def saved(tmp_path_factory):
     return hf, directory
 
 
-@pytest.mark.parametrize("mesh", [None, "data=2,expert=2,tensor=2"])
-@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("mesh, padding", [(None, "right"), ("data=2,expert=2,tensor=2", "left")])
 def test_splash_prefill_matches_transformers(saved, mesh, padding):
     """The TPU prefill kernel (Pallas splash attention, run by Pallas' interpreter on CPU) on T = 150 tokens
     (padded to 256 for its 128-token blocks), one device or batch and heads split over an 8-device mesh:
