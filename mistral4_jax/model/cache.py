@@ -20,7 +20,7 @@ Array = jax.Array
 @flax.struct.dataclass
 class LayerCache:
     """One layer group's latent cache: latent [Lg, B, S, L] and the shared rope key k_rope [Lg, B, S, R]
-    (each layer writes and reads its own index of Lg in place: `layers.mla`)."""
+    (one layer's slice, [B, S, L] and [B, S, R], inside the layer loop)."""
 
     latent: Array
     k_rope: Array

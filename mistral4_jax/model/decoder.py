@@ -93,31 +93,33 @@ def forward(
     for name, _, moe in layer_groups(cfg):
         group_cache = None if cache is None else cache.groups[name]
 
-        def layer(p, h, gc, i, expert_layer=None):  # gc: the group cache [Lg, B, S, .], written at layer i's t
-            return decoder_layer(p, h, cos, sin, qscale, attn_valid, q_slot, cfg, dtype, mesh, moe_backend, gc, i,
-                                 index, decode, rules, attn_block, expert_layer, attn_backend)  # new slots in place
+        def layer(p, h, lc, expert_layer=None):
+            return decoder_layer(p, h, cos, sin, qscale, attn_valid, q_slot, cfg, dtype, mesh, moe_backend, lc,
+                                 index, decode, rules, attn_block, expert_layer, attn_backend)
 
-        if isinstance(params[name], list):  # unrolled, i static: the same carried writes (on CPU as fast as
-            # restacking per-layer slices, measured)
-            ids = []
+        stacked_experts = {} if not moe or isinstance(params[name], list) else {
+            k: v for k, v in params[name]["moe"].items() if k in ROUTED_EXPERTS}
+
+        def body(carry, xs):  # the group cache rides in the carry, written t slots per layer in place
+            h, gc = carry
+            p, i = xs
+            if stacked_experts:  # the routed experts stay whole [Lg, E, ...] (see `routed_experts`' `layer`)
+                p = {**p, "moe": {**p["moe"], **stacked_experts}}
+            h, (ids, lc) = layer(p, h, None if gc is None else _layer_slice(gc, i), i if stacked_experts else None)
+            return (h, None if gc is None else _write_tokens(gc, lc, i, index, t)), ids
+
+        if isinstance(params[name], list):  # unrolled: static slices in, restacked out (cheaper unrolled, on TPU
+            outs = []                        # and CPU, than the carried writes)
             for i, p in enumerate(params[name]):
-                h, (layer_ids, group_cache) = layer(p, h, group_cache, i)
-                ids.append(layer_ids)
-            ids = jnp.stack(ids) if moe else None
-        else:  # the group cache rides in the scan's carry; the routed experts stay whole [Lg, E, ...] (see
-            # `routed_experts`' `layer`: slicing a layer's experts out first copies all of them every step)
-            stacked = {k: v for k, v in params[name].get("moe", {}).items() if k in ROUTED_EXPERTS}
-
-            def body(carry, xs):
-                (h, gc), (p, i) = carry, xs
-                if stacked:
-                    p = {**p, "moe": {**p["moe"], **stacked}}
-                h, (ids, gc) = layer(p, h, gc, i, i if stacked else None)
-                return (h, gc), ids
-
+                h, out = layer(p, h, None if group_cache is None else _layer_slice(group_cache, i))
+                outs.append(out)
+            ids = None if not moe else jnp.stack([o[0] for o in outs])
+            if group_cache is not None:
+                group_cache = jax.tree.map(lambda *x: jnp.stack(x), *[o[1] for o in outs])
+        else:
             n = len(jax.tree.leaves(params[name])[0])
             xs = params[name]
-            if stacked:
+            if stacked_experts:
                 xs = {**xs, "moe": {k: v for k, v in xs["moe"].items() if k not in ROUTED_EXPERTS}}
             (h, group_cache), ids = jax.lax.scan(body, (h, group_cache), (xs, jnp.arange(n)))
         groups[name] = group_cache
@@ -133,3 +135,18 @@ def forward(
     # faster against this (HF's) layout than against [D, X]
     return jnp.einsum("btd,xd->btx", h, head.astype(dtype)).astype(jnp.float32), expert_ids, cache
 
+
+def _layer_slice(gc: LayerCache, i: Array | int) -> LayerCache:
+    """Layer i's slice of a group cache [Lg, B, S, .] -> [B, S, .]."""
+    return jax.tree.map(lambda x: x[i], gc)
+
+
+def _write_tokens(gc: LayerCache, lc: LayerCache, i: Array | int, index: Array | int, t: int) -> LayerCache:
+    """The group cache gc [Lg, B, S, .] with layer i's slots index..index+t-1 taken from lc [B, S, .] (that
+    layer's updated slice): a t-slot `dynamic_update_slice` of the carried cache, which XLA does in place
+    (the whole cache, not one copy per step)."""
+    def write(g: Array, x: Array) -> Array:
+        new = jax.lax.dynamic_slice_in_dim(x, index, t, axis=1)[None]  # [1, B, t, .]
+        start = jnp.asarray(index, jnp.int32)
+        return jax.lax.dynamic_update_slice(g, new, (jnp.int32(i), jnp.int32(0), start, jnp.int32(0)))
+    return jax.tree.map(write, gc, lc)

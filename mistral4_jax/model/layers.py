@@ -45,13 +45,12 @@ def mlp(p: Params, x: Array, cfg: Mistral4Config) -> Array:
     return qeinsum("...i,id->...d", h, p["down_proj"])
 
 
-def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array],
-            keys: Callable[[Array | int, int], list[Array]], key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
+def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array], keys: tuple[Array, ...],
+            key_valid: Array, q_slot: Array, scale: Array, dtype: Any, block: int) -> Array:
     """softmax(masked scores * scale) @ values over S keys, `block` keys at a time (online softmax).
 
-    keys(start, size) -> the key arrays of slots start..start+size-1, each [B, size, ...] (read where they lie,
-    no copy of all S); for such a block of S' keys scores_fn(*blocks) -> scores [B, N, T, S'] and
-    values_fn(probs [B, N, T, S'] (dtype), *blocks) -> [B, T, N, C]. Key slot s is visible to query t where
+    keys: arrays [B, S, ...], cut along S; for a block of S' keys scores_fn(*keys) -> scores [B, N, T, S'] and
+    values_fn(probs [B, N, T, S'] (dtype), *keys) -> [B, T, N, C]. Key slot s is visible to query t where
     key_valid[b, s] and s <= q_slot[t] (causal by slot): key_valid [B, S] bool, q_slot [T] int,
     scale [B, 1, T, 1] (float32 scores are multiplied by it). Returns [B, T, N, C] (dtype).
     S <= block, or a decode step (T = 1, scores only [B, N, 1, S]): one block, a plain softmax. Otherwise
@@ -69,13 +68,12 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array],
         return jnp.where(ok[:, None], scores_fn(*ks).astype(jnp.float32) * scale, _NEG_INF)
 
     if t == 1 or s <= block:
-        ks = keys(0, s)
-        return values_fn(jax.nn.softmax(masked_scores(ks, 0, 0), axis=-1).astype(dtype), *ks)
+        return values_fn(jax.nn.softmax(masked_scores(list(keys), 0, 0), axis=-1).astype(dtype), *keys)
 
     def step(carry: tuple[Array, Array, Array], i: Array) -> tuple[tuple[Array, Array, Array], None]:
         run_max, run_sum, acc = carry
         start = jnp.minimum(i * block, s - block)
-        ks = keys(start, block)
+        ks = [jax.lax.dynamic_slice_in_dim(k, start, block, axis=1) for k in keys]
         scores = masked_scores(ks, start, i * block)
         new_max = jnp.maximum(run_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
@@ -83,7 +81,7 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array],
         acc = acc * jnp.swapaxes(decay, 1, 2)[..., None] + values_fn(probs.astype(dtype), *ks).astype(jnp.float32)
         return (new_max, run_sum * decay + probs.sum(-1), acc), None
 
-    blocks = jax.eval_shape(lambda: keys(0, block))
+    blocks = [jax.ShapeDtypeStruct((k.shape[0], block) + k.shape[2:], k.dtype) for k in keys]
     score_shape = jax.eval_shape(scores_fn, *blocks).shape  # [B, N, T, block]
     out_shape = jax.eval_shape(values_fn, jax.ShapeDtypeStruct(score_shape, dtype), *blocks).shape  # [B, T, N, C]
     init = (jnp.full(score_shape[:3], _NEG_INF, jnp.float32), jnp.zeros(score_shape[:3], jnp.float32),
@@ -92,42 +90,22 @@ def _attend(scores_fn: Callable[..., Array], values_fn: Callable[..., Array],
     return (acc / jnp.swapaxes(run_sum, 1, 2)[..., None]).astype(dtype)
 
 
-def _cache_block(cache: LayerCache, new: LayerCache, layer: Array | int, index: Array | int, start: Array | int,
-                 size: int) -> list[Array]:
-    """Layer `layer`'s slots start..start+size-1 of the group cache [Lg, B, S, .] as it is once the T new tokens
-    new [B, T, .] are written at slot `index` (clamped as dynamic_update_slice clamps it): [B, size, L],
-    [B, size, R] in the cache's dtype. Read from the cache before that write, a dynamic_slice at
-    (layer, 0, start, 0) (no copy of the layer's slice), with the new tokens selected in: the attention does not
-    depend on the write, which keeps the carried cache in place (reading it back after the write made XLA:TPU
-    copy the whole cache into another layout and back every step)."""
-    t, s = new.latent.shape[1], cache.latent.shape[2]
-    slot = start + jnp.arange(size) - jnp.clip(index, 0, s - t)  # [size]: the new token a slot holds, if in [0, T)
-    is_new = ((slot >= 0) & (slot < t))[:, None]  # [size, 1]
-    at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(start, jnp.int32), jnp.int32(0))
-
-    def block(g: Array, x: Array) -> Array:  # g [Lg, B, S, C], x [B, T, C] -> [B, size, C]
-        old = jax.lax.dynamic_slice(g, at, (1, g.shape[1], size, g.shape[3]))[0]
-        return jnp.where(is_new, jnp.take(x, jnp.clip(slot, 0, t - 1), axis=1).astype(g.dtype), old)
-
-    return [block(cache.latent, new.latent), block(cache.k_rope, new.k_rope)]
-
-
 def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
-        cfg: Mistral4Config, dtype: Any, cache: LayerCache | None = None, layer: Array | int = 0,
-        index: Array | int = 0, decode: bool = False, attn_block: int = ATTN_BLOCK, attn_backend: str = "xla",
-        mesh: Any = None, rules: ShardingRules = DEFAULT_RULES):
+        cfg: Mistral4Config, dtype: Any, cache: LayerCache | None = None, index: Array | int = 0,
+        decode: bool = False, attn_block: int = ATTN_BLOCK, attn_backend: str = "xla", mesh: Any = None,
+        rules: ShardingRules = DEFAULT_RULES):
     """Multi-head latent attention: low-rank q and kv, one rope key shared by all heads.
 
     x [B, T, D], cos/sin [B, T, R/2], qscale [B, T] -> ([B, T, D], cache).
     Query t sees key slot s where key_valid[b, s] and s <= q_slot[t] (q_slot [T] int).
     Without `decode`: attention among the T new tokens (key_valid [B, T]), expanded per head block by block.
-    With `decode`: attention over layer `layer` of the latent cache (key_valid [B, S]) with `kv_b_proj` absorbed
-    into the query (scores) and the output (values), never expanding the cache per head. T may be > 1: a chunk
+    With `decode`: attention over the whole latent cache (key_valid [B, S]) with `kv_b_proj` absorbed into
+    the query (scores) and the output (values), never expanding the cache per head. T may be > 1: a chunk
     of new tokens then attends to the cached prefix and to itself (causally, through q_slot).
     Both run over `attn_block` keys at a time (`_attend`); with `attn_backend` "splash" (TPU) the prefill
     attention is one fused kernel instead (`splash.splash_causal_attention`, sharded on `mesh` by `rules`).
-    `cache` = the layer group's `LayerCache` (latent [Lg, B, S, L], k_rope [Lg, B, S, R]) or None; the new
-    tokens are written into it at (layer, 0, index, 0), the one write of this layer's cache.
+    `cache` = this layer's `LayerCache` (latent [B, S, L], k_rope [B, S, R]) or None; the new tokens are
+    written at slot `index`.
     """
     c = cfg
     p_dims, lat = c.qk_nope_head_dim, c.kv_lora_rank
@@ -142,16 +120,12 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
     latent = rms_norm(p["kv_a_norm"], kv[..., :lat], 1e-6, dtype)  # [B, T, L]
     k_rope = apply_rope(kv[..., lat:], cos, sin, c.rope_interleave)  # [B, T, R]
     scale = qscale[:, None, :, None] * c.softmax_scale
-    new, old = LayerCache(latent, k_rope), cache  # the new tokens [B, T, L], [B, T, R]; the cache before the write
     if cache is not None:
-        at = (jnp.asarray(layer, jnp.int32), jnp.int32(0), jnp.asarray(index, jnp.int32), jnp.int32(0))
-        cache = jax.tree.map(lambda g, x: jax.lax.dynamic_update_slice(g, x.astype(g.dtype)[None], at), cache, new)
+        cache = LayerCache(
+            jax.lax.dynamic_update_slice_in_dim(cache.latent, latent.astype(cache.latent.dtype), index, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(cache.k_rope, k_rope.astype(cache.k_rope.dtype), index, axis=1))
     if decode:
-        assert old is not None, "decode attends over a cache"
-
-        def keys(start: Array | int, size: int) -> list[Array]:  # the updated cache's blocks [B, size, L], [B, size, R]
-            return _cache_block(old, new, layer, index, start, size)
-
+        assert cache is not None, "decode attends over a cache"
         q_lat = qeinsum("btnp,lnp->btnl", q_nope, p["k_b_proj"])  # k_b [L, N, P]
 
         def scores(lat_s: Array, rope_s: Array) -> Array:  # cache blocks [B, S', L], [B, S', R]
@@ -161,7 +135,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
         def values(probs: Array, lat_s: Array, rope_s: Array) -> Array:
             return jnp.einsum("bnts,bsl->btnl", probs, lat_s.astype(dtype))
 
-        ctx = _attend(scores, values, keys, key_valid, q_slot, scale, dtype, attn_block)
+        ctx = _attend(scores, values, (cache.latent, cache.k_rope), key_valid, q_slot, scale, dtype, attn_block)
         out = qeinsum("btnl,lnv->btnv", ctx, p["v_b_proj"])  # v_b [L, N, V]
     elif attn_backend == "splash":
         k_nope = qeinsum("bsl,lnp->bsnp", latent, p["k_b_proj"])  # [B, T, N, P]
@@ -177,10 +151,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
         def values(probs: Array, lat_s: Array, rope_s: Array) -> Array:
             return jnp.einsum("bnts,bsnv->btnv", probs, qeinsum("bsl,lnv->bsnv", lat_s, p["v_b_proj"]))
 
-        def keys(start: Array | int, size: int) -> list[Array]:  # the new tokens' blocks [B, size, L], [B, size, R]
-            return [jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (latent, k_rope)]
-
-        out = _attend(scores, values, keys, key_valid, q_slot, scale, dtype, attn_block)
+        out = _attend(scores, values, (latent, k_rope), key_valid, q_slot, scale, dtype, attn_block)
     return qeinsum("btnv,nvd->btd", out, p["o_proj"]), cache
 
 
@@ -204,16 +175,15 @@ def moe(p: Params, x: Array, cfg: Mistral4Config, mesh: Any = None,
 
 def decoder_layer(p: Params, h: Array, cos: Array, sin: Array, qscale: Array, key_valid: Array, q_slot: Array,
                   cfg: Mistral4Config, dtype: Any, mesh: Any = None, moe_backend: str = "loop",
-                  cache: LayerCache | None = None, layer: Array | int = 0, index: Array | int = 0,
-                  decode: bool = False, rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK,
-                  expert_layer: Array | None = None, attn_backend: str = "xla"):
+                  cache: LayerCache | None = None, index: Array | int = 0, decode: bool = False,
+                  rules: ShardingRules = DEFAULT_RULES, attn_block: int = ATTN_BLOCK, expert_layer: Array | None = None,
+                  attn_backend: str = "xla"):
     """h + attn(norm(h)), then + ffn(norm(h)), the ffn the MoE if p has one, else the dense MLP.
-    h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache)); key_valid, q_slot, the group cache
-    [Lg, B, S, .] and this layer's index `layer` in it as `mla`'s. `expert_layer`: p's routed experts are the
-    group's stacks [Lg, E, ...] and this is layer `expert_layer` of them."""
+    h [B, T, D] -> (h, (routed expert ids [B, T, K] or None, cache)); key_valid, q_slot as `mla`'s.
+    `expert_layer`: p's routed experts are the group's stacks [Lg, E, ...] and this is layer `expert_layer`."""
     x = rms_norm(p["input_norm"], h, cfg.rms_norm_eps, dtype)
-    a, cache = mla(p["attn"], x, cos, sin, qscale, key_valid, q_slot, cfg, dtype, cache, layer, index, decode,
-                   attn_block, attn_backend, mesh, rules)
+    a, cache = mla(p["attn"], x, cos, sin, qscale, key_valid, q_slot, cfg, dtype, cache, index, decode, attn_block,
+                   attn_backend, mesh, rules)
     h = h + a
     x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps, dtype)
     if "moe" in p:
