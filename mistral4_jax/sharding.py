@@ -129,6 +129,11 @@ def parse_mesh(spec: str | dict[str, int], num_devices: int | None = None) -> di
     return sizes
 
 
+def mesh_platform(mesh: Mesh | None) -> str:
+    """The platform ("cpu", "tpu", "gpu") of a mesh's devices, else of JAX's default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def make_mesh(spec: str | dict[str, int] = "data=-1", devices: Sequence[Any] | None = None) -> Mesh:
     """A ("data", "expert", "tensor") mesh over `devices` (default: all devices, every host)."""
     devices = list(jax.devices() if devices is None else devices)

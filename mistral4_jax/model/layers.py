@@ -142,7 +142,7 @@ def mla(p: Params, x: Array, cos: Array, sin: Array, qscale: Array, key_valid: A
         k_all = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])], -1)
         q_all = jnp.concatenate([q_nope, q_rope], -1) * jnp.swapaxes(scale, 1, 2).astype(dtype)  # [B, T, N, H]
         v = qeinsum("bsl,lnv->bsnv", latent, p["v_b_proj"])  # [B, T, N, V]
-        out = splash_causal_attention(q_all.astype(dtype), k_all.astype(dtype), v.astype(dtype), key_valid, mesh, rules)
+        out = splash_causal_attention(q_all, k_all.astype(dtype), v, key_valid, mesh, rules)
     else:
         def scores(lat_s: Array, rope_s: Array) -> Array:  # new-token blocks [B, S', L], [B, S', R]
             k_nope = qeinsum("bsl,lnp->bsnp", lat_s, p["k_b_proj"])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ..config import Mistral4Config
-from ..sharding import DEFAULT_RULES, ShardingRules
+from ..sharding import DEFAULT_RULES, ShardingRules, mesh_platform
 from ..weights.quant import QuantArray, dequantize, qeinsum
 
 Array = jax.Array
@@ -54,8 +54,7 @@ def resolve_moe_backend(backend: str, mesh: Any = None) -> str:
         raise ValueError(f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    return "loop" if platform == "cpu" else "ragged"
+    return "loop" if mesh_platform(mesh) == "cpu" else "ragged"
 
 
 def _expert_weight(w: Weight, i: Array, layer: Array | None = None) -> Weight:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ..sharding import DEFAULT_RULES, ShardingRules
+from ..sharding import DEFAULT_RULES, ShardingRules, mesh_platform
 
 Array = jax.Array
 ATTN_BACKENDS = ("auto", "xla", "splash")
@@ -29,8 +29,7 @@ def resolve_attn_backend(backend: str, qk_dim: int, v_dim: int, mesh: Any = None
         raise ValueError(f"attn_backend must be one of {', '.join(ATTN_BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    return "splash" if platform == "tpu" and qk_dim % 64 == 0 and v_dim % 64 == 0 else "xla"
+    return "splash" if mesh_platform(mesh) == "tpu" and qk_dim % 64 == 0 and v_dim % 64 == 0 else "xla"
 
 
 def _kernel(heads: int, tokens: int, interpret: bool) -> Any:
@@ -54,7 +53,7 @@ def splash_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, mesh
     pad = -t % _BLOCK
     qkv = [jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for a in (q, k, v)]  # [B, N, T', .]
     segments = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, pad)))  # 1 = token, 0 = padding
-    interpret = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) == "cpu"
+    interpret = mesh_platform(mesh) == "cpu"
 
     def run(q: Array, k: Array, v: Array, seg: Array) -> Array:
         kernel = _kernel(q.shape[1], q.shape[2], interpret)
