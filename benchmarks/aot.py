@@ -3,12 +3,13 @@
     python benchmarks/aot.py [--targets v5e-16,v5p-8,v6e-8,8xH200] [--cases decode_1x4096,...] [--layers N]
 
 For each target, FP8 weights with bf16 compute, the 36-layer real config, layers under `lax.scan` (as
-they run), four programs: decode B=1 over a 4,096-slot cache, decode B=64 over 8,192, decode B=1 over
-131,072, and one 4,096-token prefill chunk. Prints one JSON line per target: per chip the compiler's
+they run), these programs: decode B=1 over a 4,096-slot cache, B=64 over 8,192, B=1 over 131,072 and
+262,144 (the model's window), B=8 over 65,536; a 4,096-token prefill chunk, first of a prompt and last of a
+262,144-token prompt prefilled in chunks (attending to the whole cache before it). Prints one JSON line per target: per chip the compiler's
 memory against the chip's, fits, compile seconds (of the program; the two unrolled compiles that give
 flops and collectives are timed apart), the roofline ms per step and tokens/s, the bytes a decode step
 must read beside the bytes the compiled step moves through HBM (`plan.hlo.hbm_bytes`) and XLA's bytes
-accessed, and the collectives. B=64 x 8,192 splits the cache's batch over the expert axis (`layout`). Compile times depend on this
+accessed, and the collectives. The cache's slots are split over the expert axis (`DEFAULT_RULES`' "cache_seq"). Compile times depend on this
 machine and its load: the line carries the load average.
 
 TPU targets need the `tpu-aot` extra, GPU targets the `gpu-aot` extra; a target whose compiler is not
@@ -31,11 +32,12 @@ import _common as C  # noqa: E402
 MESHES = {"v5e-16": "expert=8,tensor=2", "v5p-8": "expert=4", "v6e-8": "expert=8", "8xH200": "expert=8"}
 CASES = {  # name: (step, batch, context, prefill chunk, layout changes to `sharding.DEFAULT_RULES`)
     "decode_1x4096": ("decode", 1, 4096, None, {}),
-    # 64 rows of 8,192 slots are 12 GB of cache: split the cache's batch over the expert axis (the default
-    # splits it over `data`, which these meshes do not have) rather than holding all of it on every chip
-    "decode_64x8192": ("decode", 64, 8192, None, {"cache_batch": "expert"}),
+    "decode_64x8192": ("decode", 64, 8192, None, {}),
     "decode_1x131072": ("decode", 1, 131072, None, {}),
+    "decode_1x262144": ("decode", 1, 262144, None, {}),
+    "decode_8x65536": ("decode", 8, 65536, None, {}),
     "prefill_4096": ("prefill", 1, 4096, 4096, {}),
+    "prefill_4096_at_262144": ("prefill", 1, 262144, 4096, {}),
 }
 GiB = 1024**3
 

@@ -149,9 +149,10 @@ def test_decode_reads_partition_the_weights():
 
 
 def test_too_big_reports_does_not_fit_with_the_figure(capsys):
-    """A 33-million-slot cache: the TPU compiler refuses the program; the CLI prints one line with the figure."""
+    """A 134-million-slot cache (36 GiB per chip, its slots split over the 4 chips): the TPU compiler refuses
+    the program; the CLI prints one line with the figure."""
     argv = ["plan", "--config", REAL, "--compile", TARGET, "--mesh", "expert=4", "--dtype", "float8_e4m3fn",
-            "--layers", "1", "--context", str(2**25), "--steps", "decode", "--no-cost"]
+            "--layers", "1", "--context", str(2**27), "--steps", "decode", "--no-cost"]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     line = [x for x in out if x.startswith("decode")]

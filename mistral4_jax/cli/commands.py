@@ -52,6 +52,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unroll"],
                    help="scan (compile time flat in depth), unroll (much faster on CPU) or auto "
                         "(unroll on CPU without a mesh, else scan; the default)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=None,
+                   help="prompt tokens per prefill call; longer prompts go in chunks (default 2048)")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods)")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT")
     p.add_argument("--num-processes", type=positive_int, default=None)
@@ -110,6 +112,8 @@ def load_model(args: argparse.Namespace) -> Any:
     t0 = time.perf_counter()
     model = mistral4_jax.load(args.checkpoint, dtype=dtype, mesh=mesh, layer_loop=args.layer_loop)
     log.info("loaded %s in %.1f s", args.checkpoint, time.perf_counter() - t0)
+    if args.prefill_chunk:
+        model.prefill_chunk = args.prefill_chunk
     return model
 
 

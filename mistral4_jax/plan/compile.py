@@ -159,7 +159,7 @@ def _step(params, cache, tokens, positions, index, *, cfg, dtype, compute_dtype,
           attn_backend):
     """One decode step (decode=True) or prefill chunk written at slot `index`: logits, updated cache."""
     logits, _, cache = M.forward(params, cfg, tokens, positions, jnp.ones(tokens.shape, bool), cache=cache, index=index,
-                                 decode=decode, last_only=not decode, dtype=compute_dtype, mesh=mesh,
+                                 decode=decode, last_only=True, dtype=compute_dtype, mesh=mesh,
                                  rules=rules, attn_block=attn_block, attn_backend=attn_backend)
     return logits, cache
 
@@ -275,7 +275,9 @@ def compile_plan(
     default `default_mesh`. dtype: weights ("float8_e4m3fn" = FP8 + scales); compute_dtype: activations;
     cache_dtype: default bfloat16 for FP8 weights, else the weights'. Decode: `batch` rows attending a
     `context`-slot cache; prefill: `batch` x `chunk` tokens (default min(context, 4096)) into a cache of
-    max(context, chunk) slots. layers: override the depth (the first_k_dense_replace dense layers are kept
+    max(context, chunk) slots: the first chunk of a prompt (attending among itself) when context <= chunk,
+    else a chunk of a long prompt prefilled in chunks (`model.forward(decode=True)`, attending to the cache
+    before it: the last one reads it all; no cost compiles, XLA counts its while loop once). layers: override the depth (the first_k_dense_replace dense layers are kept
     up to that many). layer_loop: "scan" compiles the program as it runs on accelerators (layers under
     `lax.scan`) and, unless cost=False, takes flops, bytes and collectives from two more compiles with one
     and two unrolled layers per group; "unroll" compiles the layers unrolled and reads them from that one
@@ -310,8 +312,8 @@ def compile_plan(
     chunk = chunk or min(context, 4096)
     figures = []
     for step in steps:
-        decode = step == "decode"
-        tokens, slots = (1, context) if decode else (chunk, max(context, chunk))
+        tokens, slots = (1, context) if step == "decode" else (chunk, max(context, chunk))
+        decode = step == "decode" or slots > tokens  # a prefill chunk after a cached prefix (chunked prefill)
         compile_at = functools.partial(_compiled, mesh=device_mesh, dtype=dtype, compute_dtype=compute_dtype,
                                        cache_dtype=cache_dtype, batch=batch, tokens=tokens, context=slots, decode=decode,
                                        rules=rules)
@@ -324,19 +326,20 @@ def compile_plan(
             fig.fits = fig.total_bytes <= target.hbm_bytes
             if target.platform == "tpu":  # (read from TPU HLO; GPU programs fuse differently: not modelled)
                 fig.hbm_bytes = hbm_bytes(compiled.as_text())
-        if decode:
+        if step == "decode":
             reads = decode_reads(cfg, sizes, dtype, cache_dtype, batch, slots, rules)
             fig.reads_expected, fig.reads_worst = reads.expected, reads.worst
-        else:
+        elif not decode:
             fig.flops_needed = prefill_flops(cfg, sizes, batch, tokens, rules)[0]
         if cost and fig.error is None and layer_loop == "unroll":
             fig.flops, fig.bytes_accessed, coll, has_loop = _cost(compiled)
             fig.collectives, fig.cost_exact = [Collective(k, c, b) for k, (c, b) in sorted(coll.items())], not has_loop
-        elif cost and fig.error is None:
+        elif cost and fig.error is None and not (decode and step == "prefill"):  # (a chunk at the end of a long
+            # cache: its attention is a while loop over the cache, which XLA's cost analysis counts once)
             flops, nbytes, fig.collectives, fig.cost_exact, secs = _layer_costs(  # XLA's attention in one block: counted
                 cfg, lambda c: compile_at(c, unrolled=True, attn_block=slots, attn_backend="xla")[0])  # whole (not a kernel)
             fig.flops, fig.bytes_accessed, fig.cost_compile_s = flops, nbytes, round(secs, 2)
-        moved = fig.reads_expected if decode else fig.bytes_accessed
+        moved = fig.reads_expected if step == "decode" else fig.bytes_accessed
         if moved is not None and fig.fits:
             ms = 1e3 * max(moved / target.hbm_bandwidth, (fig.flops or 0) / target.peak_flops)
             fig.roofline_ms, fig.tokens_per_s = ms, batch * tokens * 1e3 / ms
