@@ -69,7 +69,7 @@ DEFAULT_RULES = ShardingRules({
     # activations and cache
     "batch": "data",
     "cache_batch": "data",
-    "cache_seq": None,
+    "cache_seq": "expert",
     # parameters
     "layers": None,
     "embed": None,
