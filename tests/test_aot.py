@@ -70,6 +70,19 @@ def test_prefill_figures(compiled):
     assert prefill.roofline_ms == pytest.approx(bound) and prefill.tokens_per_s == pytest.approx(16e3 / bound)
 
 
+def test_largest_context_from_the_compiled_decode_step(compiled):
+    """The cache per chip: 262,144 slots x (256 + 64) bf16 numbers of one layer over expert=4 (the compiled
+    arguments less the weights hold it, the `valid` flags, the token and TPU padding: 0.6% more); the rest of
+    the step's total is fixed. Per 4 slots (one per expert shard) a batch of B takes B x 640 bytes per chip."""
+    decode = compiled.step("decode")
+    cache = CONTEXT * (256 + 64) * 2 // 4
+    assert cache < decode.argument_bytes - compiled.weight_bytes <= 1.01 * cache
+    fixed = decode.total_bytes - cache
+    assert compiled.max_context == {b: (16 * 1024**3 - fixed) // (b * 640) * 4 for b in (1, 8)}
+    assert compiled.max_context[8] >= CONTEXT and compiled.window == 1_048_576
+    assert f"batch    8  {compiled.max_context[8]:>13,} tokens" in aot.format_compiled(compiled)
+
+
 def test_scanned_decode_reads_only_the_chosen_experts():
     """The program as it runs (layers under `lax.scan`) moves about the bytes a decode step must read: the
     scan must not copy each layer's stacked experts out of the [layers, E, ...] arrays (that copy, 4x the
