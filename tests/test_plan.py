@@ -55,10 +55,10 @@ def test_largest_context_per_batch_size():
     <= 1000 kv, rows = 2 when data=2 divides the batch; S a multiple of 4 (the expert split)."""
     weights = memory_plan(CFG, MESH, jnp.bfloat16).weight_bytes_per_device
     hbm = 2 * (weights + 1000 * kv_bytes_per_token(CFG, 2))
-    assert max_context(CFG, MESH, jnp.bfloat16, hbm_per_device=hbm, batches=(1, 2, 3, 8), reserve=0.5) == {
+    assert max_context(CFG, MESH, jnp.bfloat16, None, hbm, batches=(1, 2, 3, 8), reserve=0.5) == {
         1: 4000, 2: 4000, 3: 1332, 8: 1000}
     unsplit = DEFAULT_RULES.replace(cache_seq=None)
-    assert max_context(CFG, MESH, jnp.bfloat16, hbm_per_device=hbm, batches=(1, 3), reserve=0.5, rules=unsplit) == {
+    assert max_context(CFG, MESH, jnp.bfloat16, None, hbm, batches=(1, 3), reserve=0.5, rules=unsplit) == {
         1: 1000, 3: 333}
     p = memory_plan(CFG, MESH, jnp.bfloat16, hbm_per_device=hbm, reserve=0.5)
     assert p.max_context == {1: 4000, 8: 1000, 32: 248, 128: 60} and p.window == CFG.max_position_embeddings
@@ -79,7 +79,7 @@ def test_real_model():
     assert p.weight_bytes_per_device / 2 < fp8.weight_bytes_per_device < p.weight_bytes_per_device
     # v5e-16 (16 GiB per chip), FP8: the cache's slots over expert=8 -> 2,880 bytes per token per chip
     free = 0.9 * 16 * GiB - fp8.weight_bytes_per_device
-    contexts = max_context(real, {"expert": 8, "tensor": 2}, jnp.float8_e4m3fn, hbm_per_device=16 * GiB, batches=(1, 8))
+    contexts = max_context(real, {"expert": 8, "tensor": 2}, jnp.float8_e4m3fn, None, 16 * GiB, batches=(1, 8))
     assert contexts == {b: int(free // (b * 8 * 2880)) * 8 for b in (1, 8)}
     assert contexts[1] >= real.max_position_embeddings and contexts[8] >= 65_536
 

@@ -102,11 +102,12 @@ def memory_plan(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bflo
                       contexts, cfg.max_length)
 
 
-def max_context(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfloat16, cache_dtype: Any = None,
-                hbm_per_device: int = 16 * GiB, batches: Sequence[int] = CONTEXT_BATCHES,
-                rules: ShardingRules = DEFAULT_RULES, reserve: float = 0.1) -> dict[int, int]:
+def max_context(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any, cache_dtype: Any, hbm_per_device: int,
+                batches: Sequence[int] = CONTEXT_BATCHES, rules: ShardingRules = DEFAULT_RULES,
+                reserve: float = 0.1) -> dict[int, int]:
     """Batch size -> the largest context (cache slots) whose cache fits one device of `mesh` next to its
-    weights, leaving `reserve` of `hbm_per_device` free (`slots_that_fit`; compare with `cfg.max_length`)."""
+    weights, leaving `reserve` of `hbm_per_device` free (`slots_that_fit`; compare with `cfg.max_length`).
+    cache_dtype None: as `memory_plan`."""
     mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
     free = hbm_per_device * (1 - reserve) - _weight_bytes(cfg, mesh, dtype, rules)[1]
     cache_dtype = _cache_dtype(dtype, cache_dtype)
