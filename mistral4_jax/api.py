@@ -18,7 +18,7 @@ from .model.vision import check_image_token_count, image_features, param_axes as
 from .model.vision_packing import num_image_tokens
 from .serve.chat import has_image_parts, parse_answer
 from .serve.chat.session import ChatResult, ChatSession
-from .serve.generate import Generator, Request, bucket
+from .serve.generate import PREFILL_CHUNK, Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
 from .serve.memory import check_cache_fits
 from .serve.sampling import SamplingParams
@@ -79,6 +79,10 @@ class Mistral4:
     """
 
     verbose: bool = True
+    prefill_chunk: int = PREFILL_CHUNK
+    """Prompt tokens per prefill call: a longer prompt (up to max_position_embeddings) is prefilled in chunks that
+    attend to the cache written so far, so its memory grows with chunk x context, not context^2
+    (`serve.generate.Generator`). A setting: `model.prefill_chunk = 1024`."""
 
     def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
                  mesh: Any = None, layer_loop: str = "auto", vision_config: Any = None, vision_params: Any = None,
@@ -223,10 +227,26 @@ class Mistral4:
         feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
         return self._forward(self.params, ids, mask, last_only=last_only, image_features=feats)
 
-    def logits(self, input_ids: Any, attention_mask: Any = None, images: Any = None) -> np.ndarray:
+    def logits(self, input_ids: Any, attention_mask: Any = None, images: Any = None, last: int | None = None) -> np.ndarray:
         """float32 logits [B, T, vocab] as a numpy array. input_ids [B, T] (or [T]); attention_mask 1 = token,
-        0 = padding; images: see `forward`."""
-        return to_host(self.forward(input_ids, attention_mask, images=images)[0])
+        0 = padding; images: see `forward`. `last`: only the last `last` positions, [B, last, vocab].
+        Inputs longer than `prefill_chunk` run chunk by chunk over a cache (up to max_position_embeddings
+        tokens; `Generator.chunked_logits`): device memory holds one chunk's logits, never [T, vocab]."""
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        t = ids.shape[1]
+        if last is not None and not 1 <= last <= t:
+            raise ValueError(f"last must be between 1 and the input length {t}, got {last}")
+        if self.config.max_length is not None and t > self.config.max_length:
+            raise ValueError(f"input of {t} tokens exceeds max_position_embeddings ({self.config.max_length})")
+        if t <= self.prefill_chunk:
+            out = to_host(self.forward(ids, mask, images=images)[0])
+            return out if last is None else out[:, t - last:]
+        feats = None
+        if images is not None and not (isinstance(images, (list, tuple)) and not images):
+            self.require_vision()
+            feats = self.image_features(images)
+            check_image_token_count(ids, feats.shape[0], self.vision_config.image_token_index)
+        return self.generator.chunked_logits(ids, mask, last, feats)
 
     @property
     def generator(self):

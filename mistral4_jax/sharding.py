@@ -8,7 +8,9 @@ jit propagates shardings everywhere except the routed experts, which run under `
 (`model.moe.sharded_routed_experts`).
 
 Layout: experts over `expert` and their hidden dimension over `tensor`; attention heads, the shared
-expert, dense MLPs and the vocabulary over `tensor`; the batch (and the KV cache's batch) over `data`.
+expert, dense MLPs and the vocabulary over `tensor`; the batch (and the KV cache's batch) over `data`; the KV
+cache's slots over `expert` (attention is replicated there: each chip holds and reads 1/expert of a long
+context, `model.attention.latent_attention`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ DEFAULT_RULES = ShardingRules({
     "experts": "expert",
     "expert_mlp": "tensor",
 })
-"""Today's layout (module docstring): experts over `expert`, tensor parallelism over `tensor`, the batch over `data`."""
+"""Today's layout (module docstring): experts over `expert`, tensor parallelism over `tensor`, the batch over `data`,
+the cache's slots over `expert`."""
 
 
 def parse_mesh(spec: str | dict[str, int], num_devices: int | None = None) -> dict[str, int]:

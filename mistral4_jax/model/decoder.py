@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ..config import Mistral4Config
 from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec
 from .vision import scatter_image_features
+from .attention import write_tokens, write_valid
 from .cache import Cache, LayerCache
 from .layers import ATTN_BLOCK, decoder_layer, rms_norm
 from .moe import resolve_moe_backend
@@ -51,11 +52,14 @@ def forward(
 
     input_ids, positions [B, T] int; key_valid [B, T] bool (False = padding).
     Without `decode` the T tokens attend among themselves (prefill); if `cache` is given they are also
-    written into it at slot `index`. With `decode` they are written at `index` and attend over the
-    whole cache (absorbed MLA), causally: token t sees the valid slots up to `index + t`. That serves a
-    decode step (T = 1) and equally a chunk of prompt continuing a cached prefix (T > 1: the prefix,
-    then the chunk itself; a chat turn prefilled after the conversation so far). Layer groups stored stacked run under `lax.scan`; stored as lists
-    (see `unstack_layers`) they run as an unrolled loop.
+    written into it at slots index..index+T-1. With `decode` they attend to the cache's valid slots before
+    `index` (absorbed MLA) and causally to themselves, then are written at `index`. That serves a decode step
+    (T = 1) and equally a chunk of prompt continuing a cached prefix (chunked prefill of a long prompt; a chat
+    turn prefilled after the conversation so far): the chunk reads only the cache blocks before it, so a
+    prompt's attention memory grows with chunk x context, not context^2. On a mesh whose `rules` split the
+    cache's slots ("cache_seq"), each chip attends over its own slots (`attention.latent_attention`).
+    Layer groups stored stacked run under `lax.scan`; stored as lists (see `unstack_layers`) they run as an
+    unrolled loop.
     `image_features` [M, D] (prefill only): rows replace, in order, the embeddings of the tokens equal to
     `image_token_index` (`[IMG]`), batch row by batch row, as HF's `masked_scatter`; rows past the number
     of `[IMG]` tokens are ignored (so M may be padded to a bucket). None: the text-only path.
@@ -79,23 +83,21 @@ def forward(
     seq_len = jnp.max(jnp.where(key_valid, positions, 0), axis=-1) + 1  # [B] (dynamic and longrope rope)
     cos, sin = rope_cos_sin(cfg, positions, seq_len)
     qscale = llama4_query_scale(cfg, positions)
-    t = input_ids.shape[1]
     groups: dict[str, LayerCache] = {}
+    old_valid = None if cache is None else cache.valid  # the attention reads the cache as it was (slots < index)
     if cache is not None:
-        cache = cache.replace(valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, key_valid, index, axis=1))
-    if decode:  # the cache's valid slots [B, S], query t at slot index + t
-        attn_valid, q_slot = cache.valid, index + jnp.arange(t)
-    else:  # the new tokens [B, T], query t at slot t
-        attn_valid, q_slot = key_valid, jnp.arange(t)
+        cache = cache.replace(valid=write_valid(cache.valid, key_valid, index, mesh, rules))
     expert_ids = None
     moe_backend = resolve_moe_backend(moe_backend, mesh)
     attn_backend = resolve_attn_backend(attn_backend, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, mesh)
     for name, _, moe in layer_groups(cfg):
         group_cache = None if cache is None else cache.groups[name]
 
-        def layer(p, h, lc, expert_layer=None):
-            return decoder_layer(p, h, cos, sin, qscale, attn_valid, q_slot, cfg, dtype, mesh, moe_backend, lc,
-                                 index, decode, rules, attn_block, expert_layer, attn_backend)
+        def layer(p, h, gc, i, expert_layer=None):  # -> (h, expert ids, gc with layer i's new tokens written)
+            h, (ids, new) = decoder_layer(p, h, cos, sin, qscale, key_valid, cfg, dtype, mesh, moe_backend,
+                                          None if gc is None or not decode else jax.tree.map(lambda x: x[i], gc),
+                                          old_valid, index, decode, rules, attn_block, expert_layer, attn_backend)
+            return h, ids, None if gc is None else write_tokens(gc, new, i, index, mesh, rules)
 
         stacked_experts = {} if not moe or isinstance(params[name], list) else {
             k: v for k, v in params[name]["moe"].items() if k in ROUTED_EXPERTS}
@@ -105,17 +107,15 @@ def forward(
             p, i = xs
             if stacked_experts:  # the routed experts stay whole [Lg, E, ...] (see `routed_experts`' `layer`)
                 p = {**p, "moe": {**p["moe"], **stacked_experts}}
-            h, (ids, lc) = layer(p, h, None if gc is None else _layer_slice(gc, i), i if stacked_experts else None)
-            return (h, None if gc is None else _write_tokens(gc, lc, i, index, t)), ids
+            h, ids, gc = layer(p, h, gc, i, i if stacked_experts else None)
+            return (h, gc), ids
 
-        if isinstance(params[name], list):  # unrolled: static slices in, restacked out (cheaper unrolled, on TPU
-            outs = []                        # and CPU, than the carried writes)
+        if isinstance(params[name], list):  # unrolled
+            all_ids = []
             for i, p in enumerate(params[name]):
-                h, out = layer(p, h, None if group_cache is None else _layer_slice(group_cache, i))
-                outs.append(out)
-            ids = None if not moe else jnp.stack([o[0] for o in outs])
-            if group_cache is not None:
-                group_cache = jax.tree.map(lambda *x: jnp.stack(x), *[o[1] for o in outs])
+                h, ids, group_cache = layer(p, h, group_cache, i)
+                all_ids.append(ids)
+            ids = jnp.stack(all_ids) if moe else None
         else:
             n = len(jax.tree.leaves(params[name])[0])
             xs = params[name]
@@ -134,19 +134,3 @@ def forward(
     head = embed if cfg.tie_word_embeddings else params["lm_head"]  # [X, D]: XLA:CPU's small-batch matmul is
     # faster against this (HF's) layout than against [D, X]
     return jnp.einsum("btd,xd->btx", h, head.astype(dtype)).astype(jnp.float32), expert_ids, cache
-
-
-def _layer_slice(gc: LayerCache, i: Array | int) -> LayerCache:
-    """Layer i's slice of a group cache [Lg, B, S, .] -> [B, S, .]."""
-    return jax.tree.map(lambda x: x[i], gc)
-
-
-def _write_tokens(gc: LayerCache, lc: LayerCache, i: Array | int, index: Array | int, t: int) -> LayerCache:
-    """The group cache gc [Lg, B, S, .] with layer i's slots index..index+t-1 taken from lc [B, S, .] (that
-    layer's updated slice): a t-slot `dynamic_update_slice` of the carried cache, which XLA does in place
-    (the whole cache, not one copy per step)."""
-    def write(g: Array, x: Array) -> Array:
-        new = jax.lax.dynamic_slice_in_dim(x, index, t, axis=1)[None]  # [1, B, t, .]
-        start = jnp.asarray(index, jnp.int32)
-        return jax.lax.dynamic_update_slice(g, new, (jnp.int32(i), jnp.int32(0), start, jnp.int32(0)))
-    return jax.tree.map(write, gc, lc)

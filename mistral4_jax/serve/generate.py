@@ -28,6 +28,7 @@ key), replace the `[IMG]` token embeddings in prefill, rows in batch order. Deco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from tqdm import tqdm
 
 from .. import model as M
 from ..distributed import is_main_process, to_host
@@ -49,9 +51,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+PREFILL_CHUNK = 2048
+"""Default prompt tokens per prefill call (`Mistral4.prefill_chunk`): longer prompts are prefilled chunk by chunk."""
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """Smallest power of two ≥ max(n, minimum)."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def cache_slots(n: int, multiple: int) -> int:
+    """Slots of a cache for n tokens: a multiple of `multiple` at most 25% above n on a grid of four sizes per
+    power of two (so long prompts of nearby lengths share compiled programs)."""
+    step = max(multiple, bucket(n) // 8)
+    return -(-n // step) * step
 
 
 @dataclasses.dataclass
@@ -171,6 +184,13 @@ class Generator:
         self._prefill = CompiledFn(
             self._prefill_impl, lambda p, ids, m, cache, *a: f"prefill for batch {ids.shape[0]} x {ids.shape[1]} tokens, "
             f"{cache.slots}-slot cache", self._announce, donate_argnames=("cache",))
+        self._chunk = CompiledFn(
+            self._chunk_impl, lambda p, cache, ids, *a: f"chunked prefill for batch {ids.shape[0]} x {ids.shape[1]}-token "
+            f"chunks, {cache.slots}-slot cache", self._announce, donate_argnames=("cache",))
+        self._logits = {last_only: CompiledFn(
+            functools.partial(self._logits_impl, last_only=last_only), lambda p, cache, ids, *a: f"chunked "
+            f"{'prefill' if last_only else 'logits'} for batch {ids.shape[0]} x {ids.shape[1]}-token chunks, "
+            f"{cache.slots}-slot cache", self._announce, donate_argnames=("cache",)) for last_only in (False, True)}
         self._extend = CompiledFn(
             self._extend_impl, lambda p, cache, ids, n, i, tokens, *a: f"chat prefill for {ids.shape[1]}-token chunks, "
             f"{cache.slots}-slot cache, {tokens.shape[1]} new tokens", self._announce, donate_argnames=("cache",))
@@ -185,7 +205,8 @@ class Generator:
     @property
     def compiles(self) -> int:
         """Compilations so far (each announced on stderr when `model.verbose`)."""
-        return sum(f.compiles for f in (self._prefill, self._extend, self._decode, self._grow))
+        return sum(f.compiles for f in (self._prefill, self._chunk, *self._logits.values(), self._extend, self._decode,
+                                          self._grow))
 
     def _announce(self, text: str) -> Callable[[float], None]:
         """Print `text...` on stderr (process 0, `model.verbose`); the returned callable ends the line with the
@@ -215,6 +236,20 @@ class Generator:
                                             last_only=True, **extra)
         return self._first_state(cache, logits[:, 0], ids.shape[1], mask.sum(-1), tokens, sampling, seeds, stop_ids,
                                  max_new)
+
+    def _chunk_impl(self, params, cache, ids, mask, before, index, tokens, sampling, seeds, stop_ids, max_new,
+                    image_features=None):
+        """One chunk ids, mask [B, C] of left-padded prompts into cache slots index..index+C-1, attending to the
+        cache before it and to itself (`model.forward(decode=True)`); before [B]: each row's real tokens in
+        the earlier chunks (its positions go on from there) -> decode state for a first token after the chunk
+        (used after the last chunk)."""
+        positions = before[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        extra = {} if image_features is None else {"image_features": image_features,
+                                                    "image_token_index": self.model.vision_config.image_token_index}
+        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=index,
+                                            decode=True, last_only=True, **extra)
+        return self._first_state(cache, logits[:, 0], index + ids.shape[1], before + mask.sum(-1), tokens, sampling,
+                                 seeds, stop_ids, max_new)
 
     def _extend_impl(self, params, cache, ids, n, index, tokens, sampling, seeds, stop_ids, max_new,
                      image_features=None):
@@ -350,12 +385,16 @@ class Generator:
             prompts.append(p)
         longest = max(len(p) for p in prompts)
         most_new = max(r.max_new_tokens for r in requests)
-        tp, n = bucket(longest), bucket(most_new)
         if max_len is not None and longest + most_new > max_len:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({most_new}) exceeds the cache length {max_len}")
         if cfg.max_length is not None and longest + most_new > cfg.max_length:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({most_new}) exceeds max_position_embeddings "
                              f"({cfg.max_length})")
+        c, n = self.model.prefill_chunk, bucket(most_new)
+        if c < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {c}")
+        chunked = longest > c  # else one prefill call of a power-of-two bucket
+        tp = -(-longest // c) * c if chunked else bucket(longest)
         b = len(prompts)
         ids = np.full((b, tp), cfg.pad_token_id, np.int32)
         mask = np.zeros((b, tp), np.int32)
@@ -365,10 +404,80 @@ class Generator:
         settings = self.settings(requests, stop_token_ids)
         features = self.model.request_image_features([r.prompt for r in requests], [r.images for r in requests]) \
             if any(len(r.images) for r in requests) else None
-        state = self._prefill(self.model.params, ids, mask, self.new_cache(b, tp + n), np.zeros((b, n), np.int32),
-                              *settings, features)
+        tokens = np.zeros((b, n), np.int32)
+        if not chunked:
+            state = self._prefill(self.model.params, ids, mask, self.new_cache(b, tp + n), tokens, *settings, features)
+        else:
+            state = self._prefill_chunks(ids, mask, self.new_cache(b, cache_slots(tp + n, c)), tokens, settings, features)
         rows, stopped, _ = yield from self.follow(state, requests, settings, chunk)
         return [Generation(rows[i], "stop" if stopped[i] else "length", len(prompts[i])) for i in range(b)]
+
+    def _chunks(self, ids: np.ndarray, mask: np.ndarray, features: Any = None,
+                skip_padding: bool = True) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """Cut ids, mask [B, Tp] (Tp a multiple of `model.prefill_chunk`) into chunks: yields (start, the chunk's
+        arguments (ids [B, C], mask [B, C], before [B], index, image features)), with a progress bar on stderr
+        (`model.verbose`). before: each row's real tokens in earlier chunks. features [M, D]: the batch's image
+        features in `[IMG]` order (row by row); each chunk gets the rows of its own `[IMG]` tokens.
+        skip_padding: leave out chunks that are padding in every row (except the last)."""
+        c = self.model.prefill_chunk
+        b, tp = ids.shape
+        img = self.model.vision_config.image_token_index if features is not None else None
+        order = np.cumsum((ids == img) & (mask > 0)).reshape(b, tp) if img is not None else None  # [B, Tp]
+        show = bool(getattr(self.model, "verbose", True) and is_main_process())
+        with tqdm(total=int(mask.sum()), unit="tok", desc="prefill", disable=not show, file=sys.stderr,
+                  leave=False) as bar:
+            for start in range(0, tp, c):
+                part = mask[:, start:start + c]
+                if skip_padding and not part.any() and start + c < tp:
+                    continue
+                feats = None
+                if order is not None:
+                    here = (ids[:, start:start + c] == img) & (part > 0)
+                    rows = order[:, start:start + c][here] - 1  # global [IMG] order, row-major
+                    feats = jnp.take(features, jnp.asarray(np.pad(rows, (0, bucket(len(rows)) - len(rows)))), axis=0)
+                before = mask[:, :start].sum(-1).astype(np.int32)
+                yield start, (ids[:, start:start + c], part, before, np.int32(start), feats)
+                bar.update(int(part.sum()))
+
+    def _prefill_chunks(self, ids: np.ndarray, mask: np.ndarray, cache: M.Cache, tokens: np.ndarray,
+                        settings: tuple[Any, ...], features: Any = None) -> DecodeState:
+        """Prefill left-padded prompts ids, mask [B, Tp] chunk by chunk into `cache` (`_chunks`,
+        `_chunk_impl`) -> the decode state after the last chunk."""
+        state: Any = None
+        for _, (chunk_ids, part, before, index, feats) in self._chunks(ids, mask, features):
+            state = self._chunk(self.model.params, cache, chunk_ids, part, before, index, tokens, *settings, feats)
+            cache = state.cache
+        return state
+
+    def _logits_impl(self, params, cache, ids, mask, before, index, image_features=None, *, last_only: bool):
+        """Logits [B, C or 1, X] of one chunk (as `_chunk_impl` feeds it) and the cache with the chunk written."""
+        positions = before[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        extra = {} if image_features is None else {"image_features": image_features,
+                                                    "image_token_index": self.model.vision_config.image_token_index}
+        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=index,
+                                            decode=True, last_only=last_only, **extra)
+        return logits, cache
+
+    def chunked_logits(self, ids: np.ndarray, mask: np.ndarray, last: int | None = None,
+                       features: Any = None) -> np.ndarray:
+        """float32 logits [B, T, X] (or of the last `last` positions, [B, last, X]) of ids, mask [B, T] (any
+        padding), computed chunk by chunk over a cache (`model.prefill_chunk` tokens at a time): device memory
+        holds one chunk's logits, never [T, X]; only the positions asked for come back to the host."""
+        c = self.model.prefill_chunk
+        b, t = ids.shape
+        tp = -(-t // c) * c
+        pad = tp - t  # right padding up to whole chunks
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.model.config.pad_token_id)
+        mask = np.pad(mask, ((0, 0), (0, pad)))
+        first = 0 if last is None else t - last  # the first position asked for
+        cache = self.new_cache(b, cache_slots(tp, c))
+        out = []
+        for start, args in self._chunks(ids, mask, features, skip_padding=False):
+            wanted = start + c > first
+            logits, cache = self._logits[not wanted](self.model.params, cache, *args)
+            if wanted:
+                out.append(to_host(logits[:, max(0, first - start):min(c, t - start)]))
+        return np.concatenate(out, axis=1)
 
     def generate(self, requests: Sequence[Request], stop_token_ids: Sequence[int], max_len: int | None = None) -> list[Generation]:
         """Run every request to completion and return one `Generation` per request, in order."""

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from ...api import Mistral4
 
 PREFILL_CHUNK = 128
-"""Tokens per chunk-prefill call of a chat turn (the last chunk is padded): one compiled shape for every turn."""
+"""Tokens per chunk-prefill call of a chat turn (the last chunk is padded): one compiled shape for every turn
+(a turn longer than `Mistral4.prefill_chunk` goes in chunks of that size instead)."""
 
 MIN_CACHE = 256
 """Smallest cache (slots) of a chat session; it grows by powers of two."""
@@ -132,6 +133,8 @@ class ChatSession:
             raise ValueError(f"the conversation ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds "
                              f"max_position_embeddings ({cfg.max_position_embeddings})")
         keep = min(common_prefix(ids, self._cached), len(ids) - 1) if self._cache is not None else 0
+        if len(ids) - keep > max(c, model.prefill_chunk):  # a long turn: the model's (larger) prompt chunks
+            c = model.prefill_chunk
         need = max(keep + -(-(len(ids) - keep) // c) * c, len(ids) + max_new)
         size = min(bucket(need, self.min_cache), max(need, cfg.max_position_embeddings))
         features = self._image_features(ids, images)
