@@ -20,6 +20,7 @@ from .serve.chat import has_image_parts, parse_answer
 from .serve.chat.session import ChatResult, ChatSession
 from .serve.generate import PREFILL_CHUNK, Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
+from .serve.memory import check_cache_fits
 from .serve.sampling import SamplingParams
 from .model import param_shardings
 from .sharding import DEFAULT_RULES, ShardingRules, tree_shardings
@@ -369,6 +370,12 @@ class Mistral4:
                              f"[IMG] id {proc.image_token_id}) does not fit the vision tower (patch {v.patch_size} x "
                              f"merge {v.spatial_merge_size}, image_token_index {v.image_token_index})")
         return ids, images
+
+    def check_cache_fits(self, batch: int, slots: int, cache_dtype: Any) -> None:
+        """ValueError naming the bytes when a `batch` x `slots` KV cache would not fit the free memory of this
+        model's devices (`serve.memory.check_cache_fits`; `MISTRAL4_JAX_DEVICE_MEMORY` overrides what they report).
+        Generation calls it before allocating every cache."""
+        check_cache_fits(self, batch, slots, cache_dtype)
 
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -54,10 +54,12 @@ def test_decode_figures(compiled, cfg):
     assert reads.worst <= decode.hbm_bytes <= 1.25 * reads.worst
     # the accelerator MoE backend (`moe_backend` "ragged" on TPU) has static shapes: no loop, so the counts are exact
     assert decode.flops > 0 and decode.cost_exact is True
-    # expert parallelism adds each layer's partial outputs with one all-reduce of the token's [1, 4096] bf16
+    # expert parallelism adds each layer's partial outputs with one all-reduce of the token's [1, 4096] bf16; the
+    # cache's slots over expert=4 combine their softmax partials with two more (`model.attention`): the 32 heads'
+    # max (pmax), then their sums and weighted latents [32, 256] (psum, in one), all f32
     kinds = {c.kind: c for c in decode.collectives}
     assert set(kinds) == {"all-reduce"}
-    assert (kinds["all-reduce"].count, kinds["all-reduce"].bytes) == (LAYERS, LAYERS * 4096 * 2)
+    assert (kinds["all-reduce"].count, kinds["all-reduce"].bytes) == (3 * LAYERS, LAYERS * (4096 * 2 + 2 * 32 * 4 + 32 * 256 * 4))
     bound = max(decode.reads_expected / 819e9, decode.flops / 197e12) * 1e3
     assert decode.roofline_ms == pytest.approx(bound) and decode.tokens_per_s == pytest.approx(1e3 / bound)
 
@@ -68,6 +70,19 @@ def test_prefill_figures(compiled):
     assert prefill.reads_expected is None and prefill.flops > 0
     bound = max(prefill.bytes_accessed / 819e9, prefill.flops / 197e12) * 1e3
     assert prefill.roofline_ms == pytest.approx(bound) and prefill.tokens_per_s == pytest.approx(16e3 / bound)
+
+
+def test_largest_context_from_the_compiled_decode_step(compiled):
+    """The cache per chip: 262,144 slots x (256 + 64) bf16 numbers of one layer over expert=4 (the compiled
+    arguments less the weights hold it, the `valid` flags, the token and TPU padding: 0.6% more); the rest of
+    the step's total is fixed. Per 4 slots (one per expert shard) a batch of B takes B x 640 bytes per chip."""
+    decode = compiled.step("decode")
+    cache = CONTEXT * (256 + 64) * 2 // 4
+    assert cache < decode.argument_bytes - compiled.weight_bytes <= 1.01 * cache
+    fixed = decode.total_bytes - cache
+    assert compiled.max_context == {b: (16 * 1024**3 - fixed) // (b * 640) * 4 for b in (1, 8)}
+    assert compiled.max_context[8] >= CONTEXT and compiled.window == 1_048_576
+    assert f"batch    8  {compiled.max_context[8]:>13,} tokens" in aot.format_compiled(compiled)
 
 
 def test_scanned_decode_reads_only_the_chosen_experts():

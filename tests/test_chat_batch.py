@@ -75,6 +75,30 @@ def test_jsonl_batch_keeps_order_ids_and_reports_bad_lines(model):
     assert again == out  # batch composition does not change results (per-request seeds)
 
 
+def test_jsonl_batch_refuses_requests_alone(model, monkeypatch):
+    """A request past the model's window, and one whose cache alone does not fit the device memory, fail alone;
+    a batch whose cache does not fit together is retried smaller. With 9,216 bytes free per device
+    (MISTRAL4_JAX_DEVICE_MEMORY) and 192 bytes per slot and row (2 layers x (16 + 8) float32), one row of up
+    to 48 slots fits, two rows of 32 do not, nor one of the 128+ slots of 100 new tokens. The others equal
+    their results run alone."""
+    hello, bonjour = [{"role": "user", "content": "Hello"}], [{"role": "user", "content": "Bonjour"}]
+    assert max(len(model.tokenizer.encode_chat(m)) for m in (hello, bonjour)) <= 32  # 32 + 16 slots at most
+    lines = [json.dumps({"id": "a", "messages": hello, "max_tokens": 3}),
+             json.dumps({"id": "long", "messages": hello, "max_tokens": CFG.max_position_embeddings}),
+             json.dumps({"id": "big", "messages": bonjour, "max_tokens": 100}),
+             json.dumps({"id": "c", "messages": bonjour, "temperature": 0.8, "seed": 3, "max_tokens": 5})]
+    alone = [next(batch.run(model, [line], batch_size=1)) for line in (lines[0], lines[3])]
+    monkeypatch.setenv("MISTRAL4_JAX_DEVICE_MEMORY", str(192 * 48))
+    out = list(batch.run(model, lines, batch_size=8))
+    assert [r["id"] for r in out] == ["a", "long", "big", "c"]
+    assert [out[0], out[3]] == alone and "error" not in alone[0] and "error" not in alone[1]
+    assert out[1]["error"] == (f"line 2: prompt ({len(model.tokenizer.encode_chat(hello))} tokens) + max_new_tokens "
+                               f"({CFG.max_position_embeddings}) exceeds the model's window (max_position_embeddings "
+                               f"{CFG.max_position_embeddings})")
+    assert out[2]["error"].startswith("line 3: a ") and "-slot cache for 1 row needs" in out[2]["error"]
+    assert "9.0 KiB free on MISTRAL4_JAX_DEVICE_MEMORY" in out[2]["error"]
+
+
 def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
     """`mistral4-jax chat`: typed lines become turns of one chat session (a later turn reuses the cache of
     the earlier ones); `/image PATH` attaches an image to the next message: its `[IMG]` tokens get the image's

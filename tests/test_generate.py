@@ -3,6 +3,8 @@ expanded computation; stop tokens, budgets, seeds, streaming and bad input."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,26 @@ def test_compiled_decode_step_updates_the_donated_cache_in_place():
         assert exe.as_text().count("may-alias") == 1 + 2 * len(M.layer_groups(CFG))  # valid, latent and k_rope per group
     grown = big.memory_analysis().temp_size_in_bytes - small.memory_analysis().temp_size_in_bytes
     assert grown < 2 * (big_bytes - small_bytes)
+
+
+def test_a_cache_that_does_not_fit_is_refused_before_allocation(monkeypatch):
+    """MISTRAL4_JAX_DEVICE_MEMORY sets the bytes free per device. TINY's float32 cache holds 2 layers x (16 + 8)
+    numbers x 4 bytes = 192 bytes per slot and row: 4 KiB free refuses the cache of a 5-token prompt with 4 new
+    tokens (naming its bytes) before any allocation; exactly its bytes free lets it run."""
+    model = mistral4_jax.Mistral4(TINY, M.init_params(TINY, jax.random.key(0)))
+    model.verbose = False
+    monkeypatch.setenv("MISTRAL4_JAX_DEVICE_MEMORY", "4KiB")
+    with monkeypatch.context() as m:
+        m.setattr(M, "init_cache", lambda *a, **k: pytest.fail("the cache was allocated"))
+        with pytest.raises(ValueError, match="cache for 1 row needs") as refused:
+            model.generate([[5, 6, 7, 8, 9]], max_new_tokens=4, stop_token_ids=[])
+    slots = int(re.match(r"a ([\d,]+)-slot cache", str(refused.value)).group(1).replace(",", ""))
+    assert f"needs {slots * 192 / 1024:.1f} KiB per device (after the weights); 4.0 KiB free on " \
+           "MISTRAL4_JAX_DEVICE_MEMORY" in str(refused.value)
+    monkeypatch.setenv("MISTRAL4_JAX_DEVICE_MEMORY", str(slots * 192))
+    g, = model.generate([[5, 6, 7, 8, 9]], max_new_tokens=4, stop_token_ids=[])
+    assert len(g.tokens) == 4
+    monkeypatch.delenv("MISTRAL4_JAX_DEVICE_MEMORY")  # on CPU: the host's MemAvailable, shared by the devices
+    with pytest.raises(ValueError, match=r"a 1,000,000,000,000-slot cache for 2 rows needs 349.2 TiB per device .*"
+                                         r"free on this host \(MemAvailable"):
+        model.check_cache_fits(2, 10**12, jnp.float32)

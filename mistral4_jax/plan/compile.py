@@ -39,6 +39,13 @@ What the figures are (all per device):
   Roofline: step ms = max(bytes / HBM bandwidth, flops / peak bf16 flops), with the expected reads
   (decode) or the compiled bytes (prefill); tokens/s = tokens per step / step time. Collectives are
   not in the roofline.
+- largest context (`compiled_max_context`), per batch size 1 and 8, from the compiled decode step: its fixed bytes
+  are its total less its cache, where the cache bytes are the analytic per-device figure
+  (`plan.memory.cache_bytes_per_device`; the compiled argument bytes less the weights' hold that and the
+  `valid` flags), and each batch size gets the most slots whose cache fits the chip's memory less the
+  fixed bytes (`plan.memory.slots_that_fit`: the per-row cache scaled by the batch, split as
+  `cache_shardings` places it). Temporaries and outputs count as fixed at the compiled batch and context
+  (a decode step's grow with B x S only through its attention scores), so compile near the context asked about.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ from ..config import Mistral4Config
 from ..model import cache_shardings, param_shardings
 from ..model.layers import ATTN_BLOCK
 from ..sharding import DEFAULT_RULES, MESH_AXES, ShardingRules, batch_spec, make_mesh, parse_mesh
-from .memory import GiB, decode_reads, memory_plan, prefill_flops
+from .memory import GiB, cache_bytes_per_device, decode_reads, format_contexts, memory_plan, prefill_flops, slots_that_fit
 from .hlo import hbm_bytes, parse_collectives
 from .targets import Target, default_mesh, parse_target, target_devices
 
@@ -126,6 +133,8 @@ class CompiledPlan:
     weight_bytes: int  # the compiler's argument bytes of the parameters per device
     plan_weight_bytes: int  # plan.memory_plan's weights per device (abstract shapes)
     steps: list[StepFigures]
+    max_context: dict[int, int] | None = None  # batch size -> the largest context that fits (module docstring)
+    window: int | None = None  # the model's longest sequence (max_position_embeddings)
     jax_version: str = jax.__version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,10 +353,20 @@ def compile_plan(
             ms = 1e3 * max(moved / target.hbm_bandwidth, (fig.flops or 0) / target.peak_flops)
             fig.roofline_ms, fig.tokens_per_s = ms, batch * tokens * 1e3 / ms
         figures.append(fig)
+    decode = next((f for f in figures if f.step == "decode" and f.error is None), None)
+    contexts = None if decode is None else compiled_max_context(cfg, sizes, decode, target.hbm_bytes, cache_dtype, rules)
     return CompiledPlan(source, target.name, target.kind, target.chips, target.hbm_bytes, target.hbm_bandwidth,
                         target.peak_flops, sizes, jnp.dtype(dtype).name, jnp.dtype(compute_dtype).name,
                         jnp.dtype(cache_dtype).name, cfg.num_hidden_layers, layer_loop, weight_bytes,
-                        plan.weight_bytes_per_device, figures)
+                        plan.weight_bytes_per_device, figures, contexts, cfg.max_length)
+
+
+def compiled_max_context(cfg: Mistral4Config, mesh: dict[str, int], decode: StepFigures, hbm_bytes: int, cache_dtype: Any,
+                rules: ShardingRules = DEFAULT_RULES, batches: Sequence[int] = (1, 8)) -> dict[int, int]:
+    """Batch size -> the largest context that fits `hbm_bytes` per chip by the compiled `decode` step's
+    figures: its fixed bytes (total less its cache) plus the cache of that batch (module docstring)."""
+    fixed = decode.total_bytes - cache_bytes_per_device(cfg, mesh, decode.batch, decode.context, cache_dtype, rules)
+    return {b: slots_that_fit(cfg, mesh, b, hbm_bytes - fixed, cache_dtype, rules) for b in batches}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -391,4 +410,7 @@ def format_compiled(p: CompiledPlan) -> str:
         if s.collectives is not None:
             coll = ", ".join(f"{c.kind} x{c.count} ({c.bytes / 2**20:,.1f} MiB)" for c in s.collectives) or "none"
             lines.append(f"    collectives per step: {coll}")
+    if p.max_context:
+        lines += format_contexts(p.max_context, p.window, "largest context per chip by the compiled decode step "
+                                 "(its temporaries as compiled):")
     return "\n".join(lines)

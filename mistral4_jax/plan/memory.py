@@ -2,9 +2,12 @@
 
 Per parameter, the bytes on one device are its bytes divided by the sizes of the mesh axes its
 logical axes map to (`rules`, default `sharding.DEFAULT_RULES`); replicated dimensions count in full.
-The KV cache holds kv_lora + qk_rope numbers per token per layer, with the batch over the rules'
-"cache_batch" axis. The largest batch x context that fits leaves `reserve` of every device for
-activations, compiled code and fragmentation.
+The KV cache holds kv_lora + qk_rope numbers per token per layer; each of its dimensions is split over
+the mesh axis its logical axis (`model.CACHE_AXES`) maps to, where that axis divides it, as
+`model.cache_shardings` places it: the rows over "cache_batch" (`data`), the slots over "cache_seq"
+(`expert` in `DEFAULT_RULES`). What fits leaves `reserve` of every device for activations, compiled code
+and fragmentation: the largest batch x context at the plan's batch, and per batch size the largest
+context (`max_context`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,13 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Mistral4Config
-from ..model import abstract_params, layer_groups, param_axes
+from ..model import CACHE_AXES, abstract_params, layer_groups, param_axes
 from ..sharding import DEFAULT_RULES, MESH_AXES, ShardingRules, check_divisible
 from ..weights.quant import is_quant
 
 GiB = 1024**3
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
           "g": GiB, "gb": 1000**3, "gib": GiB, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+CONTEXT_BATCHES = (1, 8, 32, 128)
+"""The batch sizes `max_context` reports by default."""
 
 ACCELERATORS = {
     # name: (chips, HBM bytes per chip, mesh for the real model)
@@ -45,6 +52,14 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def format_bytes(n: float) -> str:
+    """21.7 GiB, 6.0 KiB, 512 bytes (binary units)."""
+    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n):,} bytes"
+
+
 @dataclasses.dataclass
 class MemoryPlan:
     mesh: dict[str, int]
@@ -60,6 +75,8 @@ class MemoryPlan:
     hbm_per_device: int | None
     max_tokens_per_device: int | None  # batch x context of the KV cache that fits (after weights and reserve)
     fits: bool | None
+    max_context: dict[int, int] | None  # batch size -> the largest context that fits (`max_context`)
+    window: int | None  # the model's longest sequence (max_position_embeddings; None: no limit)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,22 +87,62 @@ def memory_plan(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bflo
                 rules: ShardingRules = DEFAULT_RULES) -> MemoryPlan:
     """Bytes per device for weights and KV cache on a mesh of `mesh` sizes (see module docstring)."""
     mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
-    total = per_device = 0
-    for key, leaf, names in _param_leaves(cfg, dtype, mesh, rules):
-        nbytes, device = _leaf_bytes(leaf, names, mesh, rules, key)
-        total += nbytes
-        per_device += device
+    total, per_device = _weight_bytes(cfg, mesh, dtype, rules)
     count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(cfg, dtype), is_leaf=is_quant))
     cache_dtype = _cache_dtype(dtype, cache_dtype)
-    kv_token = _kv_bytes_per_token(cfg, cache_dtype)
-    kv_device = _kv_bytes_per_device(kv_token, mesh, batch, context, rules)
-    max_tokens = fits = None
+    kv_device = cache_bytes_per_device(cfg, mesh, batch, context, cache_dtype, rules)
+    max_tokens = fits = contexts = None
     if hbm_per_device is not None:
         free = hbm_per_device * (1 - reserve) - per_device
-        max_tokens = max(0, int(free // kv_token)) * _cache_rows_split(mesh, batch, rules)
+        max_tokens = batch * slots_that_fit(cfg, mesh, batch, free, cache_dtype, rules)
         fits = free >= kv_device
-    return MemoryPlan(mesh, jnp.dtype(dtype).name, jnp.dtype(cache_dtype).name, count, total, per_device, kv_token,
-                      kv_device, batch, context, hbm_per_device, max_tokens, fits)
+        contexts = max_context(cfg, mesh, dtype, cache_dtype, hbm_per_device, rules=rules, reserve=reserve)
+    return MemoryPlan(mesh, jnp.dtype(dtype).name, jnp.dtype(cache_dtype).name, count, total, per_device,
+                      _kv_bytes_per_token(cfg, cache_dtype), kv_device, batch, context, hbm_per_device, max_tokens, fits,
+                      contexts, cfg.max_length)
+
+
+def max_context(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any, cache_dtype: Any, hbm_per_device: int,
+                batches: Sequence[int] = CONTEXT_BATCHES, rules: ShardingRules = DEFAULT_RULES,
+                reserve: float = 0.1) -> dict[int, int]:
+    """Batch size -> the largest context (cache slots) whose cache fits one device of `mesh` next to its
+    weights, leaving `reserve` of `hbm_per_device` free (`slots_that_fit`; compare with `cfg.max_length`).
+    cache_dtype None: as `memory_plan`."""
+    mesh = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    free = hbm_per_device * (1 - reserve) - _weight_bytes(cfg, mesh, dtype, rules)[1]
+    cache_dtype = _cache_dtype(dtype, cache_dtype)
+    return {b: slots_that_fit(cfg, mesh, b, free, cache_dtype, rules) for b in batches}
+
+
+def cache_bytes_per_device(cfg: Mistral4Config, mesh: dict[str, int], batch: int, slots: int, cache_dtype: Any,
+                           rules: ShardingRules = DEFAULT_RULES) -> int:
+    """Bytes on one device of `mesh` sizes of a `batch` x `slots` latent cache (every layer's latent [B, S, L]
+    and k_rope [B, S, R]), split as the module docstring says. The `valid` flags (1 byte per slot and
+    row) are left out."""
+    item = jnp.dtype(cache_dtype).itemsize
+    total = 0
+    for _, n, _ in layer_groups(cfg):
+        for kind, width in (("latent", cfg.kv_lora_rank), ("k_rope", cfg.qk_rope_head_dim)):
+            shape = (n, batch, slots, width)
+            axes = zip(rules.spec(CACHE_AXES[kind], f"cache {kind}"), shape)
+            total += math.prod(shape) * item // math.prod(mesh.get(a, 1) for a, d in axes if a and d % mesh.get(a, 1) == 0)
+    return total
+
+
+def slots_that_fit(cfg: Mistral4Config, mesh: dict[str, int], batch: int, free: float, cache_dtype: Any,
+                   rules: ShardingRules = DEFAULT_RULES) -> int:
+    """The most slots of a `batch`-row cache that fit `free` bytes per device, a multiple of the size m of
+    the "cache_seq" mesh axis (so that the slots split over it; 0 when m slots do not fit). Exact: the
+    bytes of k x m slots are k times those of m."""
+    axis = rules.get("cache_seq")
+    m = mesh.get(axis, 1) if axis else 1
+    return max(0, int(free // cache_bytes_per_device(cfg, mesh, batch, m, cache_dtype, rules))) * m
+
+
+def _weight_bytes(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any, rules: ShardingRules) -> tuple[int, int]:
+    """(bytes in all, bytes on one device) of every parameter."""
+    sizes = [_leaf_bytes(leaf, names, mesh, rules, key) for key, leaf, names in _param_leaves(cfg, dtype, mesh, rules)]
+    return sum(t for t, _ in sizes), sum(d for _, d in sizes)
 
 
 def _param_leaves(cfg: Mistral4Config, dtype: Any, mesh: dict[str, int],
@@ -119,17 +176,6 @@ def _cache_dtype(dtype: Any, cache_dtype: Any) -> Any:
 def _kv_bytes_per_token(cfg: Mistral4Config, cache_dtype: Any) -> int:
     layers = sum(n for _, n, _ in layer_groups(cfg))
     return layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(cache_dtype).itemsize
-
-
-def _cache_rows_split(mesh: dict[str, int], batch: int, rules: ShardingRules) -> int:
-    """Over how many devices the cache's batch rows are split (its "cache_batch" axis, when the batch divides)."""
-    axis = rules.get("cache_batch")
-    return mesh[axis] if axis and batch % mesh[axis] == 0 else 1
-
-
-def _kv_bytes_per_device(kv_token: int, mesh: dict[str, int], batch: int, context: int, rules: ShardingRules) -> int:
-    """The cache is split by batch row (`_cache_rows_split`) and replicated elsewhere."""
-    return batch * context * kv_token // _cache_rows_split(mesh, batch, rules)
 
 
 @dataclasses.dataclass
@@ -179,8 +225,7 @@ def decode_reads(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any = jnp.bfl
             weights += batch * leaf.shape[1] * np.dtype(leaf.dtype).itemsize
         else:
             weights += device
-    kv_device = _kv_bytes_per_device(_kv_bytes_per_token(cfg, _cache_dtype(dtype, cache_dtype)), mesh, batch, context,
-                                     rules)
+    kv_device = cache_bytes_per_device(cfg, mesh, batch, context, _cache_dtype(dtype, cache_dtype), rules)
     return DecodeReads(weights, int(experts * expected / local), experts * worst // local, kv_device, expected, worst)
 
 
@@ -230,4 +275,16 @@ def format_plan(p: MemoryPlan) -> str:
         lines.append(f"memory per device    {p.hbm_per_device / GiB:,.1f} GiB -> "
                      + ("fits" if p.fits else "does NOT fit")
                      + f"; largest batch x context: {p.max_tokens_per_device:,} tokens")
+    if p.max_context:
+        lines += format_contexts(p.max_context, p.window, "largest context per device (after weights and reserve):")
     return "\n".join(lines)
+
+
+def format_contexts(contexts: dict[int, int], window: int | None, title: str) -> list[str]:
+    """The lines of a batch size -> largest context table under `title`, each saying whether it reaches `window`."""
+    lines = [title]
+    for b, c in contexts.items():
+        reach = "" if window is None else (f"  (the whole {window:,}-token window)" if c >= window else
+                                           f"  ({c / window:.0%} of the {window:,}-token window)")
+        lines.append(f"  batch {b:>4}  {c:>13,} tokens{reach}")
+    return lines

@@ -8,8 +8,11 @@ or, for a line that could not be served, {"id", "error"} — one bad line never 
 
 Two steps, so that a bad file is reported before a model is loaded:
 `parse(lines, defaults)` checks every line without a model (JSON, field names and types, value ranges,
-unique ids); `serve(model, parsed)` tokenizes the valid ones (a bad image fails its line only) and
-generates them in device batches (mixed sampling settings share one compiled loop).
+unique ids); `serve(model, parsed)` tokenizes the valid ones (a bad image, or a prompt + max tokens past
+the model's window, fails its line only) and generates them in device batches (mixed sampling settings
+share one compiled loop). A batch that generation refuses (ValueError, e.g. its cache does not fit the
+devices' memory: `serve.memory`) is retried in halves, down to single requests, so only a request
+refused on its own reports an error.
 
 Ids: an explicit "id" is a string or an integer, unique in the file. A line without one (or one that is
 not JSON) gets its line number, as a string when the file's explicit ids are strings.
@@ -128,7 +131,7 @@ def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dic
     tok = model.require_tokenizer()
     results: dict[int, dict[str, Any]] = {}
     # rows in one device batch must share stop ids; group by them, keep input order inside a group
-    groups: dict[tuple[int, ...], list[tuple[Parsed, Request]]] = {}
+    groups: dict[tuple[int, ...], list[tuple[int, Request]]] = {}
     for i, p in enumerate(parsed):
         if p.error is not None:
             results[i] = {"id": p.id, "error": p.error}
@@ -137,6 +140,10 @@ def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dic
             prompt, images = model.encode_chat(p.messages, reasoning_effort=p.reasoning_effort)  # decodes images
             if max(prompt) >= model.config.vocab_size:
                 raise ValueError(f"the tokenizer produced ids up to {max(prompt)}, outside the model's vocabulary")
+            window = model.config.max_length
+            if window is not None and len(prompt) + p.max_new_tokens > window:
+                raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
+                                 f"model's window (max_position_embeddings {window})")
             stops = (tok.eos_id,) if p.stop_token_ids is None else p.stop_token_ids
         except (ValueError, TypeError, KeyError, OSError) as e:
             results[i] = {"id": p.id, "error": f"line {p.line}: {e}"}
@@ -144,20 +151,30 @@ def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dic
         groups.setdefault(stops, []).append((i, Request(prompt, p.max_new_tokens, p.sampling, p.seed, tuple(images))))
     for stops, members in groups.items():
         for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            try:
-                gens = model.generator.generate([r for _, r in chunk], stops)
-            except ValueError as e:  # e.g. too long for the cache: report per request
-                for i, _ in chunk:
-                    results[i] = {"id": parsed[i].id, "error": f"line {parsed[i].line}: {e}"}
-                continue
-            for (i, _), g in zip(chunk, gens):
+            for i, g in _generate(model, members[start:start + batch_size], stops):
+                if isinstance(g, ValueError):
+                    results[i] = {"id": parsed[i].id, "error": f"line {parsed[i].line}: {g}"}
+                    continue
                 reasoning, content = split_reasoning(g.tokens, tok)
                 results[i] = {"id": parsed[i].id, "reasoning": reasoning, "content": content,
                               "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
                               "finish_reason": g.finish_reason}
     for i in range(len(parsed)):
         yield results[i]
+
+
+def _generate(model: Any, rows: list[tuple[int, Request]], stops: tuple[int, ...]) -> list[tuple[int, Any]]:
+    """(index, its `Generation` or the ValueError that refused it) for (index, request) `rows` generated
+    together; a batch refused as a whole is retried in halves, down to single requests."""
+    try:
+        gens = model.generator.generate([r for _, r in rows], stops)
+    except ValueError as e:
+        if len(rows) == 1:
+            return [(rows[0][0], e)]
+        log.info("a batch of %d requests was refused (%s); retrying in halves", len(rows), e)
+        half = len(rows) // 2
+        return _generate(model, rows[:half], stops) + _generate(model, rows[half:], stops)
+    return [(i, g) for (i, _), g in zip(rows, gens)]
 
 
 def run(model: Any, lines: list[str], defaults: dict[str, Any] | None = None, batch_size: int = 8) -> Iterator[dict[str, Any]]:

@@ -296,6 +296,7 @@ class Generator:
     # ------------------------------------------------------------------------------------ host
     def new_cache(self, batch: int, length: int) -> M.Cache:
         """An empty cache [batch, length slots] in the cache dtype, placed on the model's mesh if any."""
+        self.model.check_cache_fits(batch, length, self.cache_dtype)
         cache = M.init_cache(self.model.config, batch, length, self.cache_dtype)
         if self.model.mesh is not None:
             cache = jax.device_put(cache, M.cache_shardings(self.model.mesh, cache, self.model.rules))
