@@ -96,6 +96,34 @@ def test_scanned_decode_reads_only_the_chosen_experts():
     assert decode.reads_worst <= decode.hbm_bytes <= 1.25 * decode.reads_worst
 
 
+def test_hbm_bytes_counts_an_in_place_write_that_reads_its_slot():
+    """A per-shard scatter of one row lowers to: read the row, select, write it back in place: two rows moved
+    (plus the update read), not the whole [8, 1024] buffer."""
+    text = """
+%fused_write (param_0: f32[8,1024], param_1: s32[], param_2: f32[1,1024], param_3: pred[]) -> f32[8,1024] {
+  %param_0 = f32[8,1024]{1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %param_2 = f32[1,1024]{1,0} parameter(2)
+  %param_3 = pred[] parameter(3)
+  %c = s32[] constant(0)
+  %old = f32[1,1024]{1,0} dynamic-slice(%param_0, %param_1, %c), dynamic_slice_sizes={1,1024}
+  %m = pred[1,1024]{1,0} broadcast(%param_3), dimensions={}
+  %new = f32[1,1024]{1,0} select(%m, %param_2, %old)
+  ROOT %dus = f32[8,1024]{1,0} dynamic-update-slice(%param_0, %new, %param_1, %c)
+}
+
+ENTRY %main (w: f32[8,1024], i: s32[], u: f32[1,1024], k: pred[]) -> f32[8,1024] {
+  %w = f32[8,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %u = f32[1,1024]{1,0} parameter(2)
+  %k = pred[] parameter(3)
+  ROOT %f = f32[8,1024]{1,0} fusion(%w, %i, %u, %k), kind=kLoop, calls=%fused_write
+}
+"""
+    row = 1024 * 4
+    assert 3 * row <= hlo.hbm_bytes(text) < 4 * row
+
+
 def test_hbm_bytes_walks_loops_slices_and_vmem():
     """A 3-trip loop whose body slices one row out of a stacked weight (a fusion) and prefetches a VMEM copy; the
     costlier branch of a conditional."""

@@ -161,22 +161,21 @@ def latent_attention(q_lat: Array, q_rope: Array, cache: LayerCache, cache_valid
 def write_tokens(gc: LayerCache, new: LayerCache, layer: Array | int, index: Array | int, mesh: Mesh | None = None,
                  rules: ShardingRules = DEFAULT_RULES) -> LayerCache:
     """The group cache gc [Lg, B, S, .] with layer `layer`'s slots index..index+T-1 set to new [B, T, .]: a
-    T-slot update XLA does in place. With the slots split over a mesh axis each shard scatters the tokens
-    that fall in its slots (XLA's partitioner would gather the whole cache for a dynamic update)."""
+    T-slot update XLA does in place. With the slots split over a mesh axis each shard updates the window of
+    its slots that the tokens fall in (`_write_window`; XLA's partitioner would gather the whole cache for
+    a dynamic update of a split dimension)."""
+    layer, index = jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)
     axis = seq_axis(mesh, gc.latent.shape[2], rules)
     if axis is None:
-        start = jnp.asarray(index, jnp.int32)
         return jax.tree.map(lambda g, x: jax.lax.dynamic_update_slice(
-            g, x[None].astype(g.dtype), (jnp.asarray(layer, jnp.int32), jnp.int32(0), start, jnp.int32(0))), gc, new)
+            g, x[None].astype(g.dtype), (layer, jnp.int32(0), index, jnp.int32(0))), gc, new)
     rows = _split(mesh, rules, "cache_batch", gc.latent.shape[1])
 
     def local(g: Array, x: Array, layer: Array, index: Array) -> Array:
-        slot = _local_slots(index, x.shape[1], g.shape[2], axis)
-        return g.at[layer, :, slot].set(jnp.swapaxes(x, 0, 1).astype(g.dtype), mode="drop")  # [T, B, C] at [B, T]
+        return _write_window(g, x[None].astype(g.dtype), (layer, 0, 0, 0), 2, index, axis)
 
     run = jax.shard_map(local, mesh=mesh, in_specs=(P(None, rows, axis, None), P(rows, None, None), P(), P()),
                         out_specs=P(None, rows, axis, None), check_vma=False)
-    layer, index = jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)
     return jax.tree.map(lambda g, x: run(g, x, layer, index), gc, new)
 
 
@@ -187,16 +186,24 @@ def write_valid(valid: Array, new: Array, index: Array | int, mesh: Mesh | None 
     if axis is None:
         return jax.lax.dynamic_update_slice_in_dim(valid, new, index, axis=1)
     rows = _split(mesh, rules, "cache_batch", valid.shape[0])
-
-    def local(v: Array, x: Array, index: Array) -> Array:
-        return v.at[:, _local_slots(index, x.shape[1], v.shape[1], axis)].set(x, mode="drop")
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, axis), P(rows, None), P()), out_specs=P(rows, axis),
+    return jax.shard_map(lambda v, x, i: _write_window(v, x, (0, 0), 1, i, axis), mesh=mesh,
+                         in_specs=(P(rows, axis), P(rows, None), P()), out_specs=P(rows, axis),
                          check_vma=False)(valid, new, jnp.asarray(index, jnp.int32))
 
 
-def _local_slots(index: Array, t: int, local: int, axis: str) -> Array:
-    """Inside `shard_map`: this shard's slot of each of t tokens written from global slot `index` on; `local`
-    (out of range: the scatter drops it) for tokens that fall in another shard."""
-    slot = index + jnp.arange(t) - jax.lax.axis_index(axis) * local
-    return jnp.where((slot >= 0) & (slot < local), slot, local)
+def _write_window(g: Array, x: Array, start: tuple[Any, ...], dim: int, index: Array, axis: str) -> Array:
+    """Inside `shard_map`: this shard's slots (dimension `dim` of g, S' of them, the shard's place on mesh axis
+    `axis` giving their global slots) with x's T tokens (x like g but T along `dim`; `start` places it on the
+    other dimensions) written at global slot `index` on. One window of min(T, S') slots, the one the tokens
+    fall in (clamped into the shard), is rewritten: tokens where they land, the old values elsewhere; an
+    in-place dynamic update in the cache's own layout (a scatter would make XLA relayout the whole cache)."""
+    s, t = g.shape[dim], x.shape[dim]
+    size = min(t, s)
+    offset = jax.lax.axis_index(axis) * s
+    first = jnp.clip(index - offset, 0, s - size)  # the window's first local slot
+    token = offset + first + jnp.arange(size) - index  # the token landing in each slot of the window
+    lands = ((token >= 0) & (token < t)).reshape([size if d == dim else 1 for d in range(g.ndim)])
+    corner = tuple(jnp.asarray(first if d == dim else c, jnp.int32) for d, c in enumerate(start))
+    old = jax.lax.dynamic_slice(g, corner, [size if d == dim else x.shape[d] for d in range(g.ndim)])
+    new = jnp.take(x, jnp.clip(token, 0, t - 1), axis=dim)
+    return jax.lax.dynamic_update_slice(g, jnp.where(lands, new, old), corner)

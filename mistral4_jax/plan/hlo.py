@@ -114,6 +114,8 @@ def _sliced_elems(node: dict[str, Any], body: list[dict[str, Any]], comps: dict[
         if not uses:
             return None
         for u in uses:
+            if u["op"] == "dynamic-update-slice" and u["args"][0] == node["name"]:
+                continue  # written in place: the update is counted where the fusion's root writes it
             if u["op"] in _SLICES and u["args"] and u["args"][0] == node["name"]:
                 total += sum(n for n, _, _ in _arrays(u["type"]))
             elif u["op"] in _PASS_THROUGH or (u["op"] == "fusion" and "output_to_operand_aliasing" in u["attrs"]):

@@ -184,9 +184,9 @@ class Generator:
         self._prefill = CompiledFn(
             self._prefill_impl, lambda p, ids, m, cache, *a: f"prefill for batch {ids.shape[0]} x {ids.shape[1]} tokens, "
             f"{cache.slots}-slot cache", self._announce, donate_argnames=("cache",))
-        self._chunk = CompiledFn(
-            self._chunk_impl, lambda p, cache, ids, *a: f"chunked prefill for batch {ids.shape[0]} x {ids.shape[1]}-token "
-            f"chunks, {cache.slots}-slot cache", self._announce, donate_argnames=("cache",))
+        self._start = CompiledFn(
+            self._first_state, lambda cache, logits, *a: f"first token for batch {logits.shape[0]}, {cache.slots}-slot cache",
+            self._announce, donate_argnames=("cache",))
         self._logits = {last_only: CompiledFn(
             functools.partial(self._logits_impl, last_only=last_only), lambda p, cache, ids, *a: f"chunked "
             f"{'prefill' if last_only else 'logits'} for batch {ids.shape[0]} x {ids.shape[1]}-token chunks, "
@@ -205,7 +205,7 @@ class Generator:
     @property
     def compiles(self) -> int:
         """Compilations so far (each announced on stderr when `model.verbose`)."""
-        return sum(f.compiles for f in (self._prefill, self._chunk, *self._logits.values(), self._extend, self._decode,
+        return sum(f.compiles for f in (self._prefill, self._start, *self._logits.values(), self._extend, self._decode,
                                           self._grow))
 
     def _announce(self, text: str) -> Callable[[float], None]:
@@ -236,20 +236,6 @@ class Generator:
                                             last_only=True, **extra)
         return self._first_state(cache, logits[:, 0], ids.shape[1], mask.sum(-1), tokens, sampling, seeds, stop_ids,
                                  max_new)
-
-    def _chunk_impl(self, params, cache, ids, mask, before, index, tokens, sampling, seeds, stop_ids, max_new,
-                    image_features=None):
-        """One chunk ids, mask [B, C] of left-padded prompts into cache slots index..index+C-1, attending to the
-        cache before it and to itself (`model.forward(decode=True)`); before [B]: each row's real tokens in
-        the earlier chunks (its positions go on from there) -> decode state for a first token after the chunk
-        (used after the last chunk)."""
-        positions = before[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        extra = {} if image_features is None else {"image_features": image_features,
-                                                    "image_token_index": self.model.vision_config.image_token_index}
-        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=index,
-                                            decode=True, last_only=True, **extra)
-        return self._first_state(cache, logits[:, 0], index + ids.shape[1], before + mask.sum(-1), tokens, sampling,
-                                 seeds, stop_ids, max_new)
 
     def _extend_impl(self, params, cache, ids, n, index, tokens, sampling, seeds, stop_ids, max_new,
                      image_features=None):
@@ -441,16 +427,20 @@ class Generator:
 
     def _prefill_chunks(self, ids: np.ndarray, mask: np.ndarray, cache: M.Cache, tokens: np.ndarray,
                         settings: tuple[Any, ...], features: Any = None) -> DecodeState:
-        """Prefill left-padded prompts ids, mask [B, Tp] chunk by chunk into `cache` (`_chunks`,
-        `_chunk_impl`) -> the decode state after the last chunk."""
-        state: Any = None
-        for _, (chunk_ids, part, before, index, feats) in self._chunks(ids, mask, features):
-            state = self._chunk(self.model.params, cache, chunk_ids, part, before, index, tokens, *settings, feats)
-            cache = state.cache
-        return state
+        """Prefill left-padded prompts ids, mask [B, Tp] chunk by chunk into `cache` (`_chunks`, `_logits_impl`:
+        the program `logits(..., last=)` runs too) -> the decode state, its first token sampled from the last
+        chunk's logits."""
+        logits = None
+        for _, args in self._chunks(ids, mask, features):
+            logits, cache = self._logits[True](self.model.params, cache, *args)
+        return self._start(cache, logits[:, 0], np.int32(ids.shape[1]), mask.sum(-1).astype(np.int32), tokens,
+                           *settings)
 
     def _logits_impl(self, params, cache, ids, mask, before, index, image_features=None, *, last_only: bool):
-        """Logits [B, C or 1, X] of one chunk (as `_chunk_impl` feeds it) and the cache with the chunk written."""
+        """One chunk ids, mask [B, C] (any padding) into cache slots index..index+C-1, attending to the cache
+        before it and to itself (`model.forward(decode=True)`); before [B]: each row's real tokens in the
+        earlier chunks (its positions go on from there) -> (logits [B, C, X], or of the chunk's last token
+        [B, 1, X] with `last_only`; the cache with the chunk written)."""
         positions = before[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         extra = {} if image_features is None else {"image_features": image_features,
                                                     "image_token_index": self.model.vision_config.image_token_index}
