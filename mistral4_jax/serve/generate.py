@@ -60,6 +60,13 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def prefill_bar(model: Any, tokens: int, chunks: int) -> tqdm:
+    """A progress bar on stderr over a prompt's `tokens`, shown for prefills of more than one chunk (process 0,
+    `model.verbose`)."""
+    show = chunks > 1 and bool(getattr(model, "verbose", True) and is_main_process())
+    return tqdm(total=tokens, unit="tok", desc="prefill", disable=not show, file=sys.stderr, leave=False)
+
+
 def cache_slots(n: int, multiple: int) -> int:
     """Slots of a cache for n tokens: a multiple of `multiple` at most 25% above n on a grid of four sizes per
     power of two (so long prompts of nearby lengths share compiled programs)."""
@@ -409,9 +416,7 @@ class Generator:
         b, tp = ids.shape
         img = self.model.vision_config.image_token_index if features is not None else None
         order = np.cumsum((ids == img) & (mask > 0)).reshape(b, tp) if img is not None else None  # [B, Tp]
-        show = bool(getattr(self.model, "verbose", True) and is_main_process())
-        with tqdm(total=int(mask.sum()), unit="tok", desc="prefill", disable=not show, file=sys.stderr,
-                  leave=False) as bar:
+        with prefill_bar(self.model, int(mask.sum()), tp // c) as bar:
             for start in range(0, tp, c):
                 part = mask[:, start:start + c]
                 if skip_padding and not part.any() and start + c < tp:

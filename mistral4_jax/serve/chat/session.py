@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...distributed import to_host
-from ..generate import Request, Stream, bucket
+from ..generate import Request, Stream, bucket, prefill_bar
 from ..sampling import SamplingParams
 from .tools import parse_answer
 
@@ -147,17 +147,19 @@ class ChatSession:
         tokens = np.zeros((1, bucket(max_new)), np.int32)
         img = model.vision_config.image_token_index if model.has_vision else -1
         state: Any = None
-        for start in range(keep, len(ids), c):
-            part = ids[start:start + c]
-            chunk_ids = np.full((1, c), cfg.pad_token_id, np.int32)
-            chunk_ids[0, :len(part)] = part
-            feats = None
-            if features is not None and img in part:
-                first = sum(1 for t in ids[:start] if t == img)
-                rows = features[first:first + sum(1 for t in part if t == img)]
-                feats = np.pad(rows, ((0, c - len(rows)), (0, 0)))
-            state = gen.extend(cache, chunk_ids, len(part), start, tokens, settings, feats)
-            cache = state.cache
+        with prefill_bar(model, len(ids) - keep, -(-(len(ids) - keep) // c)) as bar:
+            for start in range(keep, len(ids), c):
+                part = ids[start:start + c]
+                chunk_ids = np.full((1, c), cfg.pad_token_id, np.int32)
+                chunk_ids[0, :len(part)] = part
+                feats = None
+                if features is not None and img in part:
+                    first = sum(1 for t in ids[:start] if t == img)
+                    rows = features[first:first + sum(1 for t in part if t == img)]
+                    feats = np.pad(rows, ((0, c - len(rows)), (0, 0)))
+                state = gen.extend(cache, chunk_ids, len(part), start, tokens, settings, feats)
+                cache = state.cache
+                bar.update(len(part))
         steps = gen.follow(state, [self.request], settings, chunk)
         while True:
             try:
