@@ -1,0 +1,194 @@
+"""Long context on CPU: chunked prefill tok/s, decode ms/token and peak memory as the context grows.
+
+    python benchmarks/longctx.py [--contexts 4096,16384,65536] [--chunks 512,1024,2048,4096] [--chunk-context 16384]
+                                 [--config tiny] [--layers 1] [--heads 1] [--new 32]
+
+The model: random weights (`model.init_params`, seed 0, float32) for `configs/<config>.json` with
+`num_hidden_layers` and `num_attention_heads` overridden (default: tiny.json, 1 layer, 1 head, so a
+65,536-token prompt runs in about a minute on 2 shared cores; the latent cache and the attention loops
+are what the context scales, and they are the real ones). No torch, nothing downloaded.
+
+For each context T (one prompt of T random tokens, batch 1, `model.prefill_chunk` tokens per chunk):
+  prefill_tok_s       T / seconds to the first token (`Generator.stream`), compilation excluded (the
+                      seconds jax reports compiling, `jax.monitoring` /jax/core/compile/*, are subtracted)
+  decode_ms_per_token median over chunks of 8 decode steps after the prompt (`--new` tokens in all)
+  cache_slots / cache_mib   the latent cache generate allocates (grid of `serve.generate.cache_slots`)
+  peak_growth_mib     VmHWM during the run minus VmRSS before it (VmHWM reset through /proc/self/clear_refs)
+  full_scores_mib     T^2 x heads x 4 bytes: one layer's float32 score matrix, what unchunked attention needs
+Then `decode_linear_fit`: least squares decode_ms = a + b x cache_slots over the contexts (r2 near 1: the
+cost per token grows linearly with the cache read), with the ratio of the marginal decode cost (above
+the smallest context) between the largest and the middle context next to the ratio of their slots.
+`chunks`: prefill tok/s and peak growth for each chunk size at `--chunk-context` tokens (to choose
+`serve.generate.PREFILL_CHUNK`). `other_cpu` is the share of the machine other processes used meanwhile.
+
+Prints exactly one JSON line on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # noqa: E402
+
+DECODE_CHUNK = 8  # decode steps between host reads (one timing each)
+
+
+def memory() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    with open("/proc/self/status") as f:
+        d = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+    return d["VmRSS"], d["VmHWM"]
+
+
+def reset_peak() -> None:
+    """Set VmHWM back to the current VmRSS (Linux: "5" to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class CompileClock:
+    """Seconds jax spends tracing, lowering and compiling (its `/jax/core/compile/` duration events)."""
+
+    def __init__(self) -> None:
+        import jax
+
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **_: object) -> None:
+        if event.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+
+def slots_for(context: int, new: int, chunk: int) -> int:
+    """Cache slots `Generator.stream` allocates for one prompt of `context` tokens and `new` new tokens."""
+    from mistral4_jax.serve.generate import bucket, cache_slots
+
+    n = bucket(new)
+    return cache_slots(-(-context // chunk) * chunk + n, chunk) if context > chunk else bucket(context) + n
+
+
+def run(model, context: int, new: int, clock: CompileClock, seed: int = 0) -> dict:
+    """Generate `new` tokens after one random prompt of `context` tokens: timings and memory (module docstring)."""
+    import numpy as np
+
+    from mistral4_jax.serve.generate import Request
+
+    cfg = model.config
+    prompt = np.random.default_rng(seed).integers(3, cfg.vocab_size, size=context).tolist()
+    load = C.OtherLoad().start()
+    reset_peak()
+    rss0 = memory()[0]
+    compiled0 = clock.seconds
+    t0 = time.perf_counter()
+    stream = model.generator.stream([Request(prompt, new)], [], chunk=DECODE_CHUNK)
+    next(stream)
+    prefill_wall = time.perf_counter() - t0
+    compile_s = clock.seconds - compiled0
+    steps = []
+    while True:
+        t1 = time.perf_counter()
+        try:
+            got = next(stream)
+        except StopIteration:
+            break
+        steps.append((time.perf_counter() - t1) / len(got[0]))
+    assert len(stream.result[0].tokens) == new
+    slots = slots_for(context, new, model.prefill_chunk)
+    cache_bytes = slots * (1 + 4 * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+    prefill_s = prefill_wall - compile_s
+    return {
+        "context": context, "chunk": model.prefill_chunk,
+        "prefill_tok_s": round(context / prefill_s, 1), "prefill_s": round(prefill_s, 2),
+        "compile_s": round(compile_s, 2),
+        "decode_ms_per_token": round(C.median(steps) * 1e3, 3),
+        "cache_slots": slots, "cache_mib": round(cache_bytes / 2**20, 2),
+        "peak_rss_mib": round(memory()[1] / 2**20, 1), "peak_growth_mib": round((memory()[1] - rss0) / 2**20, 1),
+        "full_scores_mib": round(context**2 * cfg.num_attention_heads * 4 / 2**20, 1),
+        "other_cpu": None if (o := load.stop()) is None else round(o, 2),
+    }
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> dict:
+    """Least squares y = a + b x: intercept a, slope b, r2."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return {"intercept_ms": round(a, 4), "us_per_1k_slots": round(b * 1e6, 3),
+            "r2": round(1 - ss_res / ss_tot, 4) if ss_tot > 0 else None}
+
+
+def decode_scaling(rows: list[dict]) -> dict:
+    """Decode cost against the cache read: linear fit, and marginal-cost ratio vs slot ratio (3+ contexts)."""
+    xs, ys = [r["cache_slots"] for r in rows], [r["decode_ms_per_token"] for r in rows]
+    out: dict = {"decode_linear_fit": linear_fit(xs, ys) if len(rows) >= 2 else None}
+    if len(rows) >= 3:
+        out["decode_marginal_ratio_last_vs_middle"] = round((ys[-1] - ys[0]) / (ys[-2] - ys[0]), 2) \
+            if ys[-2] != ys[0] else None
+        out["slots_marginal_ratio_last_vs_middle"] = round((xs[-1] - xs[0]) / (xs[-2] - xs[0]), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=1)
+    ap.add_argument("--contexts", default="4096,16384,65536")
+    ap.add_argument("--chunks", default="512,1024,2048,4096", help="chunk sizes to time at --chunk-context ('' = none)")
+    ap.add_argument("--chunk-context", type=int, default=16384)
+    ap.add_argument("--new", type=int, default=32, help="tokens generated after each prompt")
+    args = ap.parse_args()
+    contexts = [int(x) for x in args.contexts.split(",")]
+    chunks = [int(x) for x in args.chunks.split(",") if x]
+
+    with C.quiet_stdout():
+        import jax
+
+        from mistral4_jax import Mistral4, Mistral4Config
+        from mistral4_jax.model import init_params
+
+        cfg = Mistral4Config.from_json(C.config_path(args.config)).replace(
+            num_hidden_layers=args.layers, num_attention_heads=args.heads)
+        model = Mistral4(cfg, init_params(cfg, jax.random.key(0)), dtype="float32")
+        model.verbose = False
+        default_chunk = model.prefill_chunk
+        clock = CompileClock()
+        t_start = time.perf_counter()
+        rows = []
+        for t in sorted(contexts):
+            rows.append(run(model, t, args.new, clock))
+            C.log(rows[-1])
+        sweep = []
+        for c in chunks:
+            model.prefill_chunk = c
+            done = [r for r in rows if r["context"] == args.chunk_context and r["chunk"] == c]
+            sweep.append(done[0] if done else run(model, args.chunk_context, args.new, clock))
+            C.log(sweep[-1])
+        model.prefill_chunk = default_chunk
+        record: dict = {
+            "bench": "longctx", "config": args.config, "layers": args.layers, "heads": args.heads,
+            "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim, "hidden": cfg.hidden_size,
+            "dtype": "float32", "prefill_chunk": default_chunk, "new_tokens": args.new,
+            "contexts": rows, **decode_scaling(rows),
+            "largest_context_peak_growth_over_full_scores": round(rows[-1]["peak_growth_mib"] / rows[-1]["full_scores_mib"], 4),
+            "chunk_context": args.chunk_context,
+            "chunks": [{k: r[k] for k in ("chunk", "prefill_tok_s", "peak_growth_mib", "compile_s", "other_cpu")}
+                       for r in sweep],
+            "process_peak_rss_mib": max(r["peak_rss_mib"] for r in rows + sweep), "wall_s": round(time.perf_counter() - t_start, 1),
+            "load_avg": round(os.getloadavg()[0], 2), "machine": C.machine(), **C.versions(),
+        }
+    C.emit(record)
+
+
+if __name__ == "__main__":
+    main()
