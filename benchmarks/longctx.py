@@ -19,8 +19,8 @@ For each context T (one prompt of T random tokens, batch 1, `model.prefill_chunk
                       /proc/self/clear_refs); freed memory stays with the allocator, so later runs reuse it
   full_scores_mib     T^2 x heads x 4 bytes: one layer's float32 score matrix, what unchunked attention needs
 Then `decode_linear_fit`: least squares decode_ms = a + b x cache_slots over the contexts (r2 near 1: the
-cost per token grows linearly with the cache read), with the ratio of the marginal decode cost (above
-the smallest context) between the largest and the middle context next to the ratio of their slots.
+cost per token grows linearly with the cache read), and `decode_ratios`: for consecutive contexts, the ratio
+of their decode ms/token next to the ratios of their cache slots and of the contexts.
 `chunks`: prefill tok/s and peak growth for each chunk size at `--chunk-context` tokens (to choose
 `serve.generate.PREFILL_CHUNK`). `other_cpu` is the share of the machine other processes used meanwhile.
 
@@ -116,7 +116,8 @@ def run(model, context: int, new: int, clock: CompileClock, reps: int = 1) -> di
         "prefill_tok_s": round(context / prefill_s, 1), "prefill_s": round(prefill_s, 3),
         "compile_s": round(compile_s, 2),
         "decode_ms_per_token": round(C.median(steps) * 1e3, 3),
-        "cache_slots": slots, "cache_mib": round(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2**20, 2),
+        "cache_slots": slots,
+        "cache_mib": round(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2**20, 2),
         "rss_before_mib": round(rss0 / 2**20, 1), "peak_growth_mib": round((peak - rss0) / 2**20, 1),
         "full_scores_mib": round(context**2 * cfg.num_attention_heads * 4 / 2**20, 1),
         "other_cpu": None if (o := load.stop()) is None else round(o, 2),
@@ -137,14 +138,16 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
 
 
 def decode_scaling(rows: list[dict]) -> dict:
-    """Decode cost against the cache read: linear fit, and marginal-cost ratio vs slot ratio (3+ contexts)."""
+    """Decode cost against the cache read: the linear fit over all contexts, and for each pair of consecutive
+    contexts the ratio of their decode ms/token next to the ratios of their cache slots and contexts."""
+    if len(rows) < 2:
+        return {"decode_linear_fit": None, "decode_ratios": []}
     xs, ys = [r["cache_slots"] for r in rows], [r["decode_ms_per_token"] for r in rows]
-    out: dict = {"decode_linear_fit": linear_fit(xs, ys) if len(rows) >= 2 else None}
-    if len(rows) >= 3:
-        out["decode_marginal_ratio_last_vs_middle"] = round((ys[-1] - ys[0]) / (ys[-2] - ys[0]), 2) \
-            if ys[-2] != ys[0] else None
-        out["slots_marginal_ratio_last_vs_middle"] = round((xs[-1] - xs[0]) / (xs[-2] - xs[0]), 2)
-    return out
+    return {"decode_linear_fit": linear_fit(xs, ys), "decode_ratios": [
+        {"contexts": f"{b['context']}/{a['context']}",
+         "decode": round(b["decode_ms_per_token"] / a["decode_ms_per_token"], 2),
+         "slots": round(b["cache_slots"] / a["cache_slots"], 2), "context": round(b["context"] / a["context"], 2)}
+        for a, b in zip(rows, rows[1:])]}
 
 
 def main() -> None:
@@ -195,7 +198,8 @@ def main() -> None:
             "dtype": "float32", "prefill_chunk": default_chunk, "new_tokens": args.new,
             "contexts": rows, **decode_scaling(rows),
             "max_peak_growth_mib": max(r["peak_growth_mib"] for r in rows),
-            "largest_context_peak_growth_over_full_scores": round(rows[-1]["peak_growth_mib"] / rows[-1]["full_scores_mib"], 4),
+            "largest_context_peak_growth_over_full_scores":
+                round(rows[-1]["peak_growth_mib"] / rows[-1]["full_scores_mib"], 4),
             "chunk_context": args.chunk_context,
             "chunks": [{k: r[k] for k in ("chunk", "prefill_tok_s", "peak_growth_mib", "compile_s", "other_cpu")}
                        for r in sweep],

@@ -48,7 +48,10 @@ model.prefill_chunk = chunk
 t0 = time.perf_counter()
 out = model.generate(rng.integers(3, cfg.vocab_size, context).tolist(), max_new_tokens=new, stop_token_ids=[])
 seconds = time.perf_counter() - t0
-slots = cache_slots(-(-context // chunk) * chunk + bucket(new), chunk) if context > chunk else bucket(context) + bucket(new)
+if context > chunk:  # the cache `Generator.stream` allocates
+    slots = cache_slots(-(-context // chunk) * chunk + bucket(new), chunk)
+else:
+    slots = bucket(context) + bucket(new)
 cache = jax.eval_shape(lambda: init_cache(cfg, 1, slots, np.float32))
 print(json.dumps({
     "baseline_rss": baseline, "peak_rss": memory()["VmHWM"],
