@@ -23,7 +23,7 @@ from .serve.image import ImageProcessor, describe
 from .serve.memory import check_cache_fits
 from .serve.sampling import SamplingParams
 from .model import param_shardings
-from .sharding import DEFAULT_RULES, ShardingRules, tree_shardings
+from .sharding import DEFAULT_RULES, ShardingRules, mesh_platform, tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,11 @@ class Mistral4:
     """
 
     verbose: bool = True
-    prefill_chunk: int = PREFILL_CHUNK
+    prefill_chunk: int
     """Prompt tokens per prefill call: a longer prompt (up to max_position_embeddings) is prefilled in chunks that
     attend to the cache written so far, so its memory grows with chunk x context, not context^2
-    (`serve.generate.Generator`). A setting: `model.prefill_chunk = 1024`."""
+    (`serve.generate.Generator`). Default by platform (`serve.generate.PREFILL_CHUNK`: 512 on CPU, 4,096 on
+    TPU/GPU); a setting: `model.prefill_chunk = 1024`."""
 
     def __init__(self, config: Mistral4Config, params: Any, dtype: Any = jnp.float32, compute_dtype: Any = None,
                  mesh: Any = None, layer_loop: str = "auto", vision_config: Any = None, vision_params: Any = None,
@@ -103,6 +104,7 @@ class Mistral4:
         self.params = M.unstack_layers(params) if layer_loop == "unroll" else params
         self.compute_dtype = resolve_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(self.dtype)
         self.mesh = mesh
+        self.prefill_chunk = PREFILL_CHUNK.get(mesh_platform(mesh), 2048)
         self.layer_loop = layer_loop
         self.tokenizer: Any = None
         self._forward = jax.jit(self._forward_impl, static_argnames=("last_only",))

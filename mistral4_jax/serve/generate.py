@@ -51,8 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-PREFILL_CHUNK = 2048
-"""Default prompt tokens per prefill call (`Mistral4.prefill_chunk`): longer prompts are prefilled chunk by chunk."""
+PREFILL_CHUNK = {"cpu": 512, "tpu": 4096, "gpu": 4096}
+"""Default prompt tokens per prefill call by platform (`Mistral4.prefill_chunk`); longer prompts are prefilled
+chunk by chunk. CPU: 512 (benchmarks/longctx.py at 16,384 tokens, prefill tok/s for chunks 512 / 1,024 /
+2,048 / 4,096: 13,008 / 11,264 / 8,477 / 7,678; larger chunks compute more of each chunk's masked upper
+triangle and leave the caches). TPU/GPU: 4,096, where every chunk reads the chip's weights once (v5e-16, FP8:
+a 4,096-token chunk is about as much compute time as weight-read time, `plan --compile`)."""
 
 
 def bucket(n: int, minimum: int = 16) -> int:
