@@ -25,7 +25,8 @@ from mistral4_jax.cli import demo
 from mistral4_jax.serve.chat import Tokenizer
 
 NOTEBOOKS = sorted(n for n in os.listdir(os.path.join(REPO, "notebooks")) if n.endswith(".ipynb"))
-DEVICES = (1, 8)
+# Runtimes: quickstart runs on one device (a Colab CPU runtime), convert_and_shard on 8 (its subject). Running
+# each on both took ~47 s more of the suite's 10 minutes; mesh against one device is test_sharding.py's.
 PRELUDE_1 = "import jax; jax.devices()  # JAX starts on the one CPU device: the notebook cannot simulate more"
 PRELUDE_8 = "import jax; jax.config.update('jax_num_cpu_devices', 8)  # a runtime with 8 devices"
 SIMULATES_8 = {"convert_and_shard.ipynb"}
@@ -101,8 +102,8 @@ def _number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
-@pytest.mark.parametrize("devices", DEVICES)
-def test_quickstart(executed, devices, tmp_path):
+def test_quickstart(executed, tmp_path):
+    devices = 1
     out = executed("quickstart.ipynb", devices)
     load, chat, image, preprocessing, experts = (o for o in out if o)
     assert re.search(rf"on cpu: {devices} device\(s\)$", load, re.M)
@@ -123,16 +124,8 @@ def test_quickstart(executed, devices, tmp_path):
     assert [int(c) for c in per_layer.split(",")] == [int(tokens) * int(k)] * layers  # k experts per token per layer
 
 
-def test_quickstart_prints_the_same_on_1_and_8_devices(executed):
-    """Greedy answers, token counts and routing do not depend on how many devices the runtime has."""
-    def strip(out: list[str]) -> list[str]:
-        return [re.sub(r"\d+ device\(s\)|in [\d.]+ s", "", o) for o in out]
-
-    assert strip(executed("quickstart.ipynb", 1)) == strip(executed("quickstart.ipynb", 8))
-
-
-@pytest.mark.parametrize("devices", DEVICES)
-def test_convert_and_shard(executed, devices):
+def test_convert_and_shard(executed):
+    devices = 8
     out = executed("convert_and_shard.ipynb", devices)
     setup, inspect, plans, parity, greedy = (o for o in out if o)
     assert setup == f"cpu: {devices} device(s)\n"
@@ -161,8 +154,7 @@ def test_convert_and_shard(executed, devices):
     # the sharded model against one device, on every mesh the devices allow
     lines = re.findall(r"^(data=(\d+),expert=(\d+),tensor=(\d+)): max \|Δlogit\| = (\S+); experts per device (\d+) of (\d+)$",
                        parity, re.M)
-    expected = (["data=1,expert=8,tensor=1", "data=2,expert=2,tensor=2"] if devices == 8
-                else ["data=1,expert=1,tensor=1"])
+    expected = ["data=1,expert=8,tensor=1", "data=2,expert=2,tensor=2"]
     assert [line[0] for line in lines] == expected
     for spec, data, expert, tensor, diff, per_device, experts in lines:
         assert int(data) * int(expert) * int(tensor) == devices

@@ -10,6 +10,7 @@ import pytest
 import mistral4_jax
 from mistral4_jax import Mistral4
 from mistral4_jax.weights import hf
+from mistral4_jax.model.attention import seq_axis
 from mistral4_jax.sharding import DEFAULT_RULES, make_mesh, parse_mesh
 from helpers import TINY, hf_greedy_batch, make_hf_model, save_hf
 
@@ -35,13 +36,21 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("spec", MESHES)
 def test_mesh_matches_single_device(reference, spec):
+    """Prompts and logits in chunks of 6 tokens (the single-device reference runs them in one piece): the cache's
+    slots split over `expert` (5 per shard for expert=8, 20 for expert=2), chunks that straddle shards or hold
+    more slots than one shard, left padding."""
     params, ids, logits, prompts, tokens, _ = reference
     model = Mistral4(CFG, params, mesh=make_mesh(spec))
+    model.prefill_chunk = 6
     np.testing.assert_allclose(model.logits(ids), logits, atol=1e-4, rtol=0)
     # one token per row: decode-sized expert chunks under shard_map
     np.testing.assert_allclose(model.logits(ids[:, :1]), logits[:, :1], atol=1e-4, rtol=0)
     got = [r.tokens for r in model.generate(prompts, max_new_tokens=8, stop_token_ids=[CFG.vocab_size - 1])]
     assert got == tokens
+    cache = model.generator.new_cache(len(prompts), 40)  # the generate call's cache: 18 prompt + 16 new slots
+    split = model.mesh.shape["expert"]
+    assert seq_axis(model.mesh, cache.slots, model.rules) == ("expert" if split > 1 else None)
+    assert cache.groups["layers_moe"].latent.sharding.shard_shape(cache.groups["layers_moe"].latent.shape)[2] == 40 // split
 
 
 def test_greedy_on_a_mesh_equals_transformers_generate(reference):
