@@ -5,7 +5,7 @@ with its older loop emitters instead of the fusion emitters: each setting cuts c
 on tests/test_generate.py: 70 programs, 47.7 s -> 18.5 s for the emitters), and the programs still run fast
 enough. The settings reach the CLI, demo, notebook and multi-host processes the tests start through the
 environment. After each test module, compiled programs and dead objects are freed so the run's memory
-stays flat (after a test too, when the process has grown past 1.5 GiB).
+stays flat (after a test too, when the process has grown past 2 GiB).
 """
 
 import ctypes
@@ -25,9 +25,8 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
-RSS_SOFT_LIMIT = 3 * 1024**3 // 2
-"""Past this resident size (1.5 GiB), a test's end also frees compiled programs and garbage (not only a module's end):
-the subprocesses later tests start (notebook kernels, multi-host workers, the 32k memory worker) share the 3 GB."""
+RSS_SOFT_LIMIT = 2 * 1024**3
+"""Past this resident size, a test's end also frees compiled programs and garbage (not only a module's end)."""
 
 
 def _free() -> None:
