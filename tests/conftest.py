@@ -46,6 +46,13 @@ def _free_after_module():
     _free()
 
 
+@pytest.fixture
+def free_first():
+    """Free compiled programs and garbage before the test: for tests whose work runs in processes they start
+    (notebook kernels, multi-host workers, the 32k memory worker), so those share the 3 GB with a lean parent."""
+    _free()
+
+
 @pytest.fixture(autouse=True)
 def _free_when_large():
     yield

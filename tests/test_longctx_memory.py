@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.usefixtures("free_first")  # conftest: their processes share the memory
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "longctx_memory_worker.py")
 CONTEXT = 32768
 MARGIN = 160 * 2**20

@@ -18,6 +18,8 @@ import mistral4_jax
 from mistral4_jax.convert import convert
 from helpers import TINY, make_hf_model, save_hf
 
+pytestmark = pytest.mark.usefixtures("free_first")  # conftest: their processes share the memory
+
 CFG = TINY.replace(num_attention_heads=8)
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 

@@ -24,6 +24,8 @@ from mistral4_jax import Mistral4Config, cli, configs
 from mistral4_jax.cli import demo
 from mistral4_jax.serve.chat import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("free_first")  # conftest: their processes share the memory
+
 NOTEBOOKS = sorted(n for n in os.listdir(os.path.join(REPO, "notebooks")) if n.endswith(".ipynb"))
 # Runtimes: quickstart runs on one device (a Colab CPU runtime), convert_and_shard on 8 (its subject). Running
 # each on both took ~47 s more of the suite's 10 minutes; mesh against one device is test_sharding.py's.
