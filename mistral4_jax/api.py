@@ -20,7 +20,6 @@ from .serve.chat import has_image_parts, parse_answer
 from .serve.chat.session import ChatResult, ChatSession
 from .serve.generate import PREFILL_CHUNK, Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
-from .serve.memory import check_cache_fits
 from .serve.sampling import SamplingParams
 from .model import param_shardings
 from .sharding import DEFAULT_RULES, ShardingRules, mesh_platform, tree_shardings
@@ -181,18 +180,20 @@ class Mistral4:
         pad = bucket(feats.shape[0]) - feats.shape[0]
         return jnp.pad(feats, ((0, pad), (0, 0)))
 
-    def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array, **kwargs: Any):
-        """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code)."""
+    def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array, key_valid: jax.Array,
+              image_features: jax.Array | None = None, **kwargs: Any):
+        """`model.forward` with this model's config, dtypes and mesh bound (for use inside jitted code);
+        image_features [M, D] (or None) replace the `[IMG]` tokens (this model's image_token_index), in order."""
+        if image_features is not None:
+            kwargs.update(image_features=image_features, image_token_index=self.vision_config.image_token_index)
         return M.forward(params, self.config, input_ids, positions, key_valid, dtype=self.compute_dtype,
                          mesh=self.mesh, moe_backend=self.moe_backend, rules=self.rules, **kwargs)
 
     def _forward_impl(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, last_only: bool = False,
                       image_features: jax.Array | None = None):
         positions = positions_from_mask(attention_mask)
-        extra = {} if image_features is None else {"image_features": image_features,
-                                                    "image_token_index": self.vision_config.image_token_index}
-        logits, expert_ids, _ = self.apply(params, input_ids, positions, attention_mask.astype(bool), last_only=last_only,
-                                           **extra)
+        logits, expert_ids, _ = self.apply(params, input_ids, positions, attention_mask.astype(bool), image_features,
+                                           last_only=last_only)
         return logits, expert_ids
 
     def _check_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -221,13 +222,21 @@ class Mistral4:
         images, then row 1's, ...; see `pixel_values` for the accepted kinds); their features replace the
         `[IMG]` tokens in order. Their number of features must equal the number of `[IMG]` tokens."""
         ids, mask = self._check_inputs(input_ids, attention_mask)
-        if images is None or (isinstance(images, (list, tuple)) and not images):
+        feats = self._batch_image_features(ids, images)
+        if feats is None:
             return self._forward(self.params, ids, mask, last_only=last_only)
+        feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
+        return self._forward(self.params, ids, mask, last_only=last_only, image_features=feats)
+
+    def _batch_image_features(self, ids: np.ndarray, images: Any) -> jax.Array | None:
+        """Features [M, D] of a batch's images (see `forward`), checked against the `[IMG]` tokens of ids [B, T];
+        None without images."""
+        if images is None or (isinstance(images, (list, tuple)) and not images):
+            return None
         self.require_vision()
         feats = self.image_features(images)
         check_image_token_count(ids, feats.shape[0], self.vision_config.image_token_index)
-        feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
-        return self._forward(self.params, ids, mask, last_only=last_only, image_features=feats)
+        return feats
 
     def logits(self, input_ids: Any, attention_mask: Any = None, images: Any = None, last: int | None = None) -> np.ndarray:
         """float32 logits [B, T, vocab] as a numpy array. input_ids [B, T] (or [T]); attention_mask 1 = token,
@@ -243,12 +252,7 @@ class Mistral4:
         if t <= self.prefill_chunk:
             out = to_host(self.forward(ids, mask, images=images)[0])
             return out if last is None else out[:, t - last:]
-        feats = None
-        if images is not None and not (isinstance(images, (list, tuple)) and not images):
-            self.require_vision()
-            feats = self.image_features(images)
-            check_image_token_count(ids, feats.shape[0], self.vision_config.image_token_index)
-        return self.generator.chunked_logits(ids, mask, last, feats)
+        return self.generator.chunked_logits(ids, mask, last, self._batch_image_features(ids, images))
 
     @property
     def generator(self):
@@ -372,12 +376,6 @@ class Mistral4:
                              f"[IMG] id {proc.image_token_id}) does not fit the vision tower (patch {v.patch_size} x "
                              f"merge {v.spatial_merge_size}, image_token_index {v.image_token_index})")
         return ids, images
-
-    def check_cache_fits(self, batch: int, slots: int, cache_dtype: Any) -> None:
-        """ValueError naming the bytes when a `batch` x `slots` KV cache would not fit the free memory of this
-        model's devices (`serve.memory.check_cache_fits`; `MISTRAL4_JAX_DEVICE_MEMORY` overrides what they report).
-        Generation calls it before allocating every cache."""
-        check_cache_fits(self, batch, slots, cache_dtype)
 
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -14,6 +14,7 @@ import torch
 import mistral4_jax
 from mistral4_jax import model as M
 from mistral4_jax.serve.generate import Request
+from mistral4_jax.serve.memory import check_cache_fits
 from mistral4_jax.serve.sampling import SamplingParams
 from helpers import TINY, assert_logits_close, hf_greedy_batch, make_hf_model, save_hf
 
@@ -215,4 +216,4 @@ def test_a_cache_that_does_not_fit_is_refused_before_allocation(monkeypatch):
     monkeypatch.delenv("MISTRAL4_JAX_DEVICE_MEMORY")  # on CPU: the host's MemAvailable, shared by the devices
     with pytest.raises(ValueError, match=r"a 1,000,000,000,000-slot cache for 2 rows needs 349.2 TiB per device .*"
                                          r"free on this host \(MemAvailable"):
-        model.check_cache_fits(2, 10**12, jnp.float32)
+        check_cache_fits(model, 2, 10**12, jnp.float32)

@@ -4,31 +4,20 @@ scaling past the original context). Chunked prefill on meshes with the cache's s
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-import mistral4_jax
-from helpers import TINY, assert_logits_close, make_hf_model, save_hf
+from helpers import TINY, assert_logits_close, hf_and_model
 
 CFG = TINY.replace(original_max_position_embeddings=256)  # YaRN; the query scale changes every 256 positions
 PROMPT = 4096
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("longctx")
-    hf = make_hf_model(CFG, seed=5)
-    save_hf(hf, str(d))
-    return hf, d
-
-
-def test_chunked_4k_prompt_equals_transformers(saved):
+def test_chunked_4k_prompt_equals_transformers(tmp_path):
     """Logits of a 4,096-token prompt through chunks of 1,024 (dividing it) and 1,000 (not; the last positions
     only), and the greedy continuation after chunks of 1,000: equal transformers' (float32; the continuation
     is checked by teacher forcing, each token transformers' argmax after the prompt and the tokens before it)."""
-    hf, d = saved
+    hf, model = hf_and_model(CFG, 5, tmp_path)
     ids = np.random.default_rng(0).integers(3, CFG.vocab_size, size=(1, PROMPT))
-    model = mistral4_jax.load(d)
     model.verbose, model.prefill_chunk = False, 1000
     tokens = model.generate(ids[0].tolist(), max_new_tokens=8, stop_token_ids=[])[0].tokens
     with torch.no_grad():

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from .. import model as M
 from ..distributed import is_main_process, to_host
+from .memory import check_cache_fits
 from .sampling import SamplingParams, row_keys, sample
 
 if TYPE_CHECKING:
@@ -241,10 +242,8 @@ class Generator:
         """ids, mask [B, Tp] (left padded) into slots 0..Tp-1 of an empty cache -> decode state.
         image_features [M, D] (or None) replace the `[IMG]` token embeddings, in order."""
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        extra = {} if image_features is None else {"image_features": image_features,
-                                                    "image_token_index": self.model.vision_config.image_token_index}
-        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=0,
-                                            last_only=True, **extra)
+        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), image_features, cache=cache,
+                                            index=0, last_only=True)
         return self._first_state(cache, logits[:, 0], ids.shape[1], mask.sum(-1), tokens, sampling, seeds, stop_ids,
                                  max_new)
 
@@ -256,10 +255,8 @@ class Generator:
         b, c = ids.shape
         positions = jnp.broadcast_to(index + jnp.arange(c, dtype=jnp.int32), (b, c))
         real = jnp.broadcast_to(jnp.arange(c) < n, (b, c))
-        extra = {} if image_features is None else {"image_features": image_features,
-                                                    "image_token_index": self.model.vision_config.image_token_index}
-        logits, _, cache = self.model.apply(params, ids, positions, real, cache=cache, index=index, decode=True,
-                                            logits_at=jnp.full((b,), n - 1), **extra)
+        logits, _, cache = self.model.apply(params, ids, positions, real, image_features, cache=cache, index=index,
+                                            decode=True, logits_at=jnp.full((b,), n - 1))
         return self._first_state(cache, logits[:, 0], index + n, jnp.full((b,), index + n), tokens, sampling, seeds,
                                  stop_ids, max_new)
 
@@ -293,7 +290,7 @@ class Generator:
     # ------------------------------------------------------------------------------------ host
     def new_cache(self, batch: int, length: int) -> M.Cache:
         """An empty cache [batch, length slots] in the cache dtype, placed on the model's mesh if any."""
-        self.model.check_cache_fits(batch, length, self.cache_dtype)
+        check_cache_fits(self.model, batch, length, self.cache_dtype)
         cache = M.init_cache(self.model.config, batch, length, self.cache_dtype)
         if self.model.mesh is not None:
             cache = jax.device_put(cache, M.cache_shardings(self.model.mesh, cache, self.model.rules))
@@ -451,10 +448,8 @@ class Generator:
         earlier chunks (its positions go on from there) -> (logits [B, C, X], or of the chunk's last token
         [B, 1, X] with `last_only`; the cache with the chunk written)."""
         positions = before[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        extra = {} if image_features is None else {"image_features": image_features,
-                                                    "image_token_index": self.model.vision_config.image_token_index}
-        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), cache=cache, index=index,
-                                            decode=True, last_only=last_only, **extra)
+        logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), image_features, cache=cache,
+                                            index=index, decode=True, last_only=last_only)
         return logits, cache
 
     def chunked_logits(self, ids: np.ndarray, mask: np.ndarray, last: int | None = None,
