@@ -16,8 +16,10 @@ from .config import Mistral4Config
 from .distributed import to_host
 from .model.vision import check_image_token_count, image_features, param_axes as vision_param_axes
 from .model.vision_packing import num_image_tokens
-from .serve.chat import has_image_parts, parse_answer
-from .serve.chat.session import ChatResult, ChatSession
+from .serve.chat import has_image_parts
+from .serve.chat.grammar import chat_grammar, check_response_format
+from .serve.chat.session import ChatSession, chat_result
+from .serve.chat.tools import check_tool_choice, check_tools
 from .serve.generate import PREFILL_CHUNK, Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
 from .serve.sampling import SamplingParams
@@ -262,7 +264,7 @@ class Mistral4:
         return self._generator
 
     def _requests(self, prompts: Any, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                  min_p: float, seed: int | Sequence[int], images: Any = None) -> list:
+                  min_p: float, seed: int | Sequence[int], images: Any = None, grammars: Any = None) -> list:
         single = isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], (int, np.integer))
         if single:
             prompts = [prompts]
@@ -281,29 +283,35 @@ class Mistral4:
             images = [[] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x]) for x in images]
             if any(images):
                 self.require_vision()
+        grammars = [None] * len(prompts) if grammars is None else list(grammars)
+        if len(grammars) != len(prompts):
+            raise ValueError(f"grammars has {len(grammars)} entries for {len(prompts)} prompts")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        return [Request(list(p), max_new_tokens, sampling, s, tuple(im)) for p, s, im in zip(prompts, seeds, images)]
+        return [Request(list(p), max_new_tokens, sampling, s, tuple(im), g)
+                for p, s, im, g in zip(prompts, seeds, images, grammars)]
 
     def generate(self, prompts: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, seed: int | Sequence[int] = 0,
-                 stop_token_ids: Sequence[int] | None = None, images: Any = None) -> list:
+                 stop_token_ids: Sequence[int] | None = None, images: Any = None, grammars: Any = None) -> list:
         """Generate for a batch of token-id prompts (lists of different lengths are fine).
 
         temperature 0 is greedy; top_k 0 and top_p 1 and min_p 0 switch those filters off. `seed` is
         one int (row i uses seed + i) or one per prompt; the same seed gives the same tokens.
         stop_token_ids default to the config's eos ids; [] means no stop token (rows end at max_new_tokens).
         images: one list of images per prompt (for one
-        prompt, its list), each prompt's `[IMG]` tokens filled in order (see `pixel_values`). Returns one
-        `Generation` (tokens without the stop token, finish_reason "stop"/"length", prompt_tokens) per prompt.
+        prompt, its list), each prompt's `[IMG]` tokens filled in order (see `pixel_values`). grammars: one
+        `serve.constrain.Grammar` or None per prompt (constrained decoding; `chat` builds them). Returns one
+        `Generation` (tokens without the stop token, finish_reason "stop"/"length"/"error", prompt_tokens) per
+        prompt.
         """
-        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, images)
+        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, images, grammars)
         stops = self.config.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
         return self.generator.generate(requests, stops)
 
     def chat(self, messages: Any, reasoning_effort: str | None = None, max_new_tokens: int = 512,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              seed: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None, tools: Any = None,
-             tool_choice: Any = "auto", response_format: Any = None) -> Any:
+             tool_choice: Any = "auto", response_format: Any = None, parallel_tool_calls: bool = True) -> Any:
         """Answer one conversation (a list of OpenAI-style messages) or a batch of them.
 
         Messages are encoded exactly as mistral-common does (`reasoning_effort` "none" or "high" for
@@ -311,14 +319,20 @@ class Mistral4:
         (`{"type": "image_url", "image_url": {"url": path | file:// | data URI}}` or `{"type": "image",
         "image": PIL image | bytes | path | uint8 array}`) for a model with a vision tower (see
         `encode_chat`). tools: OpenAI-style function definitions (`chat.tools`); the history may hold
-        assistant `tool_calls` and `tool` messages with a `tool_call_id`. tool_choice "auto" lets the model
-        call tools; "none" ends an answer at a `[TOOL_CALLS]` token (until constrained decoding exists,
-        the model cannot be steered to write text instead); "required" or a named function, and a
-        response_format other than text, need constrained decoding: NotImplementedError (after the
-        request is checked). Returns a `ChatResult` (reasoning, content, tool calls, token counts, finish
-        reason) for one conversation, or a list of them for a batch; a malformed call is reported in
-        `ChatResult.error` (finish_reason "error"), never raised. stop_token_ids default to the tokenizer's eos; [] means none. For a
-        conversation that goes on turn after turn, `chat_session` keeps its cache between turns.
+        assistant `tool_calls` and `tool` messages with a `tool_call_id`.
+        tool_choice: "auto" (the model decides; unconstrained), "required" (one or more calls of the tools),
+        {"type": "function", "function": {"name": ...}} (calls of that function), "none" (text only);
+        parallel_tool_calls=False: at most one call per answer.
+        response_format: None / {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+        "json_schema": {"name": ..., "schema": {...}}} (a JSON answer valid under the schema).
+        All but "auto" and text are enforced by constrained decoding (`chat.grammar`): the model can only
+        write what the grammar allows, call arguments valid under each tool's parameters schema.
+        Returns a `ChatResult` (reasoning, content, tool calls, token counts, finish reason) for one
+        conversation, or a list of them for a batch; a malformed call or a JSON answer cut off by
+        max_new_tokens is reported in `ChatResult.error` (finish_reason "error"), never raised; bad requests
+        (unknown tool names, invalid schemas, tool messages without a matching call) raise ValueError before
+        anything runs. stop_token_ids default to the tokenizer's eos; [] means none. For a conversation that
+        goes on turn after turn, `chat_session` keeps its cache between turns.
         """
         tok = self.require_tokenizer()
         single = bool(messages) and isinstance(messages[0], dict)
@@ -327,23 +341,14 @@ class Mistral4:
             raise ValueError("messages must be a conversation (list of dicts) or a non-empty list of conversations")
         encoded = [self.encode_chat(conv, reasoning_effort=reasoning_effort, tools=tools, tool_choice=tool_choice)
                    for conv in conversations]
-        if not (isinstance(tool_choice, str) and tool_choice in ("auto", "none")):
-            raise NotImplementedError("tool_choice='required' or a named function needs constrained decoding, which "
-                                      "is not implemented yet: use 'auto' or 'none'")
-        if response_format not in (None, {"type": "text"}):
-            raise NotImplementedError("response_format (JSON object / JSON schema) needs constrained decoding, which is "
-                                      "not implemented yet")
+        tools, fmt = check_tools(tools), check_response_format(response_format)
+        grammar = chat_grammar(tok, tools, check_tool_choice(tool_choice, tools), fmt, tok.reasons(reasoning_effort),
+                               parallel_tool_calls)
         prompts, images = [e[0] for e in encoded], [e[1] for e in encoded]
         stops = (tok.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
-        if tool_choice == "none" and tools and tok.token_id("[TOOL_CALLS]") is not None:
-            stops += (tok.token_id("[TOOL_CALLS]"),)
         gens = self.generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops,
-                             images=images if any(images) else None)
-        results = []
-        for g in gens:
-            a = parse_answer(tok, g.tokens, g.finish_reason)
-            results.append(ChatResult(a.reasoning, a.content, g.prompt_tokens, len(g.tokens), a.finish_reason, g.tokens,
-                                      a.tool_calls, a.error))
+                             images=images if any(images) else None, grammars=[grammar] * len(prompts))
+        results = [chat_result(tok, g, json_answer=fmt is not None) for g in gens]
         return results[0] if single else results
 
     def chat_session(self, system: str | None = None, reasoning_effort: str | None = None, max_new_tokens: int = 512,

@@ -274,33 +274,20 @@ def test_chat_parses_calls_and_reports_malformed_ones(model, reference, monkeypa
 
     canned = [(good, "stop"), (bad, "length"), (text, "stop")]
 
-    def fake_generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops, images=None):
-        seen.update(prompts=prompts, stops=stops)
+    def fake_generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops, images=None, grammars=None):
+        seen.update(prompts=prompts, stops=stops, grammars=grammars)
         return [Generation(ids, finish, len(p)) for p, (ids, finish) in zip(prompts, canned)]
 
     monkeypatch.setattr(model, "generate", fake_generate)
     convs = [TURN[:2], CONVERSATIONS["pending_tool_results"], [{"role": "user", "content": "2+2?"}]]
     results = model.chat(convs, tools=TOOLS, reasoning_effort="high")
     assert seen["prompts"] == [reference_ids(reference, c, TOOLS, "high") for c in convs]
-    assert seen["stops"] == (model.tokenizer.eos_id,)
+    assert seen["stops"] == (model.tokenizer.eos_id,) and seen["grammars"] == [None] * 3  # "auto": unconstrained
     ok, broken, plain = results
     assert (ok.finish_reason, ok.error, ok.reasoning, ok.content) == ("tool_calls", None, *ANSWERS["reasoning_text_calls"][:2])
     assert [json.loads(c["function"]["arguments"]) for c in ok.tool_calls] == [PARIS, TOKYO]
     assert broken.finish_reason == "error" and "tool call 1" in broken.error and "cut off" in broken.error
     assert [c["function"]["name"] for c in broken.tool_calls] == ["get_weather"]  # the calls before the bad one
     assert (plain.finish_reason, plain.tool_calls, plain.content) == ("stop", [], "No tool needed: 4.")
-    model.chat(TURN[:2], tools=TOOLS, tool_choice="none")
-    assert seen["stops"] == (model.tokenizer.eos_id, model.tokenizer.token_id("[TOOL_CALLS]"))
-
-
-def test_chat_refuses_what_needs_constrained_decoding(model):
-    with pytest.raises(ValueError, match="not among the tools"):  # checked before NotImplementedError
-        model.chat(TURN[:2], tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
-    with pytest.raises(NotImplementedError, match="constrained decoding"):
-        model.chat(TURN[:2], tools=TOOLS, tool_choice="required")
-    with pytest.raises(NotImplementedError, match="constrained decoding"):
-        model.chat(TURN[:2], tools=TOOLS, tool_choice={"type": "function", "function": {"name": "now"}})
-    with pytest.raises(NotImplementedError, match="response_format"):
-        model.chat(TURN[:2], response_format={"type": "json_object"})
-    with pytest.raises(ValueError, match="parameters are not a valid JSON schema"):
-        model.chat(TURN[:2], tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}])
+    model.chat(TURN[:2], tools=TOOLS, tool_choice="none")  # text only: a grammar without [TOOL_CALLS]
+    assert seen["stops"] == (model.tokenizer.eos_id,) and "<[9]>" not in seen["grammars"][0].lark

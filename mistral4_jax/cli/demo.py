@@ -107,7 +107,7 @@ mistral-common's legacy specials (`Tekkenizer.DEPRECATED_SPECIAL_TOKENS`), 32-37
 
 def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911.json",
                            reasoning_efforts: Sequence[str] = ("none", "high"), default_effort: str = "none",
-                           image: dict[str, int] | None = None) -> Path:
+                           image: dict[str, int] | None = None, vocab_size: int | None = None) -> Path:
     """Write a v15 ``tekken.json`` laid out like Mistral-Small-4's, offline (for the demo and the tests).
 
     Takes the real 131072-token Tekken vocabulary bundled with mistral-common (``base``, in
@@ -119,6 +119,8 @@ def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911
     result as an ``InstructTokenizerV15``: its chat encoding (model settings, think blocks, tools) is the
     real one.
 
+    vocab_size: keep only the first ids (specials, bytes, the most frequent merges): a smaller vocabulary that
+    tokenizes the same texts into more tokens, for tests whose cost grows with the vocabulary.
     out: a directory (writes ``out/tekken.json``) or a file path. Returns the written path.
     """
     src = importlib.resources.files("mistral_common") / "data" / base
@@ -127,6 +129,10 @@ def write_synthetic_tekken(out: str | os.PathLike, *, base: str = "tekken_240911
     data["special_tokens"] = [{"rank": r, "token_str": TEKKEN_SPECIALS.get(r, f"<SPECIAL_{r}>"), "is_control": True}
                               for r in range(top)]
     data["config"]["version"] = "v15"
+    if vocab_size is not None:
+        specials = data["config"]["default_num_special_tokens"]
+        data["vocab"] = data["vocab"][:vocab_size - specials]
+        data["config"]["default_vocab_size"] = vocab_size
     data.pop("image", None)
     data.pop("multimodal", None)
     if image is not None:

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from .. import model as M
 from ..distributed import is_main_process, to_host
+from .constrain import Grammar, Masks, apply as apply_masks
 from .memory import check_cache_fits
 from .sampling import SamplingParams, row_keys, sample
 
@@ -84,8 +85,10 @@ class Generation:
     """One row's result: generated token ids (without the stop token), and why it ended."""
 
     tokens: list[int]
-    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (a stop token, or a grammar completed), "length" (max_new_tokens) or "error"
     prompt_tokens: int
+    error: str | None = None
+    """For finish_reason "error": why (a constrained row whose grammar refused a token)."""
 
 
 @dataclasses.dataclass
@@ -99,6 +102,10 @@ class Request:
     images: Sequence[Any] = ()
     """Images for the prompt's `[IMG]` tokens, in order: `image.ProcessedImage`s or preprocessed pixel
     arrays [3, H, W] (needs a model with a vision tower)."""
+    grammar: Grammar | None = None
+    """Constrained decoding (`constrain.Grammar`): every token is drawn among those the grammar allows. A batch
+    with a constrained row steps one token per host round trip (the masks come from the host); without one,
+    the decode loop stays on device."""
 
 
 # ------------------------------------------------------------------------------------ compilation
@@ -229,26 +236,29 @@ class Generator:
         return lambda seconds: print(f" {seconds:.1f} s", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------- jitted
-    def _first_state(self, cache, logits, start, lengths, tokens, sampling, seeds, stop_ids, max_new) -> DecodeState:
+    def _first_state(self, cache, logits, start, lengths, tokens, sampling, seeds, stop_ids, max_new,
+                     allowed=None) -> DecodeState:
         """The decode state after a prefill: token 0 sampled from logits [B, X]; it goes to cache slot `start`
-        (scalar) at position `lengths` [B]. tokens [B, N] (zeros) is the buffer of generated tokens."""
-        tok = sample(logits, row_keys(seeds, 0), *sampling)
+        (scalar) at position `lengths` [B]. tokens [B, N] (zeros) is the buffer of generated tokens.
+        allowed [B, ceil(X / 32)] int32 (or None): packed masks of the tokens each row may draw (`constrain`)."""
+        tok = sample(apply_masks(logits, allowed), row_keys(seeds, 0), *sampling)
         stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         return DecodeState(cache=cache, tokens=tokens.at[:, 0].set(tok), step=jnp.int32(1),
                            start=jnp.asarray(start, jnp.int32), lengths=lengths.astype(jnp.int32), stopped=stopped,
                            done=stopped | (max_new <= 1))
 
-    def _prefill_impl(self, params, ids, mask, cache, tokens, sampling, seeds, stop_ids, max_new, image_features=None):
+    def _prefill_impl(self, params, ids, mask, cache, tokens, sampling, seeds, stop_ids, max_new, image_features=None,
+                      allowed=None):
         """ids, mask [B, Tp] (left padded) into slots 0..Tp-1 of an empty cache -> decode state.
         image_features [M, D] (or None) replace the `[IMG]` token embeddings, in order."""
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         logits, _, cache = self.model.apply(params, ids, positions, mask.astype(bool), image_features, cache=cache,
                                             index=0, last_only=True)
         return self._first_state(cache, logits[:, 0], ids.shape[1], mask.sum(-1), tokens, sampling, seeds, stop_ids,
-                                 max_new)
+                                 max_new, allowed)
 
     def _extend_impl(self, params, cache, ids, n, index, tokens, sampling, seeds, stop_ids, max_new,
-                     image_features=None):
+                     image_features=None, allowed=None):
         """A chunk ids [B, C] whose first n (scalar) tokens are real (right padding) into cache slots
         index..index+C-1, at positions index.., attending to the cache before it and to itself -> decode state
         for a first token after token n-1. All rows share index and n (a chat session has one row)."""
@@ -258,10 +268,12 @@ class Generator:
         logits, _, cache = self.model.apply(params, ids, positions, real, image_features, cache=cache, index=index,
                                             decode=True, logits_at=jnp.full((b,), n - 1))
         return self._first_state(cache, logits[:, 0], index + n, jnp.full((b,), index + n), tokens, sampling, seeds,
-                                 stop_ids, max_new)
+                                 stop_ids, max_new, allowed)
 
-    def _decode_impl(self, params, state: DecodeState, limit, sampling, seeds, stop_ids, max_new) -> DecodeState:
-        """Run decode steps until `limit` tokens exist or every row is done."""
+    def _decode_impl(self, params, state: DecodeState, limit, sampling, seeds, stop_ids, max_new,
+                     allowed=None) -> DecodeState:
+        """Run decode steps until `limit` tokens exist or every row is done. allowed (packed token masks, see
+        `_first_state`) constrains every step: the host passes it for one step at a time."""
 
         def cond(st: DecodeState):
             return (st.step < limit) & ~jnp.all(st.done)
@@ -273,7 +285,7 @@ class Generator:
             logits, _, cache = self.model.apply(
                 params, last, pos, jnp.ones_like(last, bool), cache=st.cache, index=st.start + s - 1, decode=True
             )
-            tok = sample(logits[:, 0], row_keys(seeds, s), *sampling)
+            tok = sample(apply_masks(logits[:, 0], allowed), row_keys(seeds, s), *sampling)
             tok = jnp.where(st.done, 0, tok)
             hit = ~st.done & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
             tokens = jax.lax.dynamic_update_index_in_dim(st.tokens, tok, s, axis=1)
@@ -301,12 +313,13 @@ class Generator:
         return self._grow(cache, self.new_cache(cache.batch, length))
 
     def extend(self, cache: M.Cache, ids: np.ndarray, n: int, index: int, tokens: np.ndarray,
-               settings: tuple[Any, ...], image_features: Any = None) -> DecodeState:
+               settings: tuple[Any, ...], image_features: Any = None, allowed: np.ndarray | None = None) -> DecodeState:
         """Prefill chunk ids [B, C] (n real tokens, then padding) at cache slot `index` (see `_extend_impl`).
-        settings = (sampling arrays, seeds, stop ids, max_new) as `settings` makes them. Returns the decode
-        state; its `cache` holds the chunk (the given cache is consumed)."""
+        settings = (sampling arrays, seeds, stop ids, max_new) as `settings` makes them; allowed: token masks
+        for the first token (`constrain.Masks.fill`) or None. Returns the decode state; its `cache` holds the
+        chunk (the given cache is consumed)."""
         return self._extend(self.model.params, cache, ids, np.int32(n), np.int32(index), tokens, *settings,
-                            image_features)
+                            image_features, allowed)
 
     @staticmethod
     def settings(requests: Sequence[Request], stop_token_ids: Sequence[int]) -> tuple[Any, ...]:
@@ -320,21 +333,25 @@ class Generator:
                 stops, np.asarray([r.max_new_tokens for r in requests], np.int32))
 
     def follow(self, state: DecodeState, requests: Sequence[Request], settings: tuple[Any, ...],
-               chunk: int | None = None) -> Iterator[list[list[int]]]:
+               chunk: int | None = None, masks: Masks | None = None) -> Iterator[list[list[int]]]:
         """Yield, after the prefill (`state`) and after each chunk of `chunk` decode steps, the new tokens of
         every row (stop tokens dropped). Its return value (`yield from`) is (tokens per row, stopped per row,
-        the final state). The decode loop is compiled before the first tokens are yielded."""
+        the final state). The decode loop is compiled before the first tokens are yielded.
+
+        masks (`constrain.Masks`, for a batch with constrained rows; the first token was drawn under its masks):
+        one step per chunk; each row's new tokens go to its matcher, the next masks to the step. A row whose
+        grammar is complete, or refused a token (`masks.errors`), ends there (stopped)."""
         n = state.tokens.shape[1]
         stop_set = set(settings[2].tolist()) - {-1}
         rows: list[list[int]] = [[] for _ in requests]
         closed = [False] * len(requests)
-        emitted, chunk = 0, chunk or n
+        ended = np.zeros(len(requests), bool)  # rows ended on the host (their grammar)
+        constrained = masks is not None and masks.active
+        emitted, chunk = 0, 1 if constrained else chunk or n
         while True:
             step = int(to_host(state.step))
             new = to_host(state.tokens)[:, emitted:step]
-            finished = bool(to_host(state.done).all()) or step >= n
-            if not finished:  # compile (and announce) before showing tokens
-                decode = self._decode.executable(self.model.params, state, np.int32(0), *settings)
+            done = np.array(to_host(state.done))
             fresh_rows = []
             for i, r in enumerate(requests):
                 fresh = []
@@ -345,12 +362,23 @@ class Generator:
                     fresh.append(t)
                 rows[i].extend(fresh)
                 fresh_rows.append(fresh)
+                if constrained and masks.matchers[i] is not None:
+                    masks.feed(i, fresh)
+                    if not (closed[i] or done[i] or masks.live(i)):
+                        ended[i] = closed[i] = done[i] = True
+            if ended.any():
+                state = state.replace(done=state.done | jax.device_put(ended, state.done.sharding))
+            finished = bool(done.all()) or step >= n
+            extra = () if not constrained else (masks.fill(),)
+            if not finished:  # compile (and announce) before showing tokens
+                decode = self._decode.executable(self.model.params, state, np.int32(0), *settings, *extra)
             yield fresh_rows
             emitted = step
             if finished:
                 break
-            state = decode(self.model.params, state, np.int32(min(step + chunk, n)), *settings)
-        return rows, to_host(state.stopped).tolist(), state
+            state = decode(self.model.params, state, np.int32(min(step + chunk, n)), *settings, *extra)
+        stopped = to_host(state.stopped) | ended
+        return rows, stopped.tolist(), state
 
     def stream(self, requests: Sequence[Request], stop_token_ids: Sequence[int], chunk: int | None = None,
                max_len: int | None = None) -> Stream:
@@ -396,15 +424,20 @@ class Generator:
             ids[i, tp - len(p):] = p
             mask[i, tp - len(p):] = 1
         settings = self.settings(requests, stop_token_ids)
+        masks = Masks([r.grammar for r in requests], cfg.vocab_size)
+        allowed = masks.fill() if masks.active else None
         features = self.model.request_image_features([r.prompt for r in requests], [r.images for r in requests]) \
             if any(len(r.images) for r in requests) else None
         tokens = np.zeros((b, n), np.int32)
         if not chunked:
-            state = self._prefill(self.model.params, ids, mask, self.new_cache(b, tp + n), tokens, *settings, features)
+            state = self._prefill(self.model.params, ids, mask, self.new_cache(b, tp + n), tokens, *settings, features,
+                                  allowed)
         else:
-            state = self._prefill_chunks(ids, mask, self.new_cache(b, cache_slots(tp + n, c)), tokens, settings, features)
-        rows, stopped, _ = yield from self.follow(state, requests, settings, chunk)
-        return [Generation(rows[i], "stop" if stopped[i] else "length", len(prompts[i])) for i in range(b)]
+            state = self._prefill_chunks(ids, mask, self.new_cache(b, cache_slots(tp + n, c)), tokens, settings, features,
+                                         allowed)
+        rows, stopped, _ = yield from self.follow(state, requests, settings, chunk, masks)
+        return [Generation(rows[i], "error" if masks.errors[i] else "stop" if stopped[i] else "length", len(prompts[i]),
+                           masks.errors[i]) for i in range(b)]
 
     def _chunks(self, ids: np.ndarray, mask: np.ndarray, features: Any = None,
                 skip_padding: bool = True) -> Iterator[tuple[int, tuple[Any, ...]]]:
@@ -432,7 +465,7 @@ class Generator:
                 bar.update(int(part.sum()))
 
     def _prefill_chunks(self, ids: np.ndarray, mask: np.ndarray, cache: M.Cache, tokens: np.ndarray,
-                        settings: tuple[Any, ...], features: Any = None) -> DecodeState:
+                        settings: tuple[Any, ...], features: Any = None, allowed: Any = None) -> DecodeState:
         """Prefill left-padded prompts ids, mask [B, Tp] chunk by chunk into `cache` (`_chunks`, `_logits_impl`:
         the program `logits(..., last=)` runs too) -> the decode state, its first token sampled from the last
         chunk's logits."""
@@ -440,7 +473,7 @@ class Generator:
         for _, args in self._chunks(ids, mask, features):
             logits, cache = self._logits[True](self.model.params, cache, *args)
         return self._start(cache, logits[:, 0], np.int32(ids.shape[1]), mask.sum(-1).astype(np.int32), tokens,
-                           *settings)
+                           *settings, allowed)
 
     def _logits_impl(self, params, cache, ids, mask, before, index, image_features=None, *, last_only: bool):
         """One chunk ids, mask [B, C] (any padding) into cache slots index..index+C-1, attending to the cache

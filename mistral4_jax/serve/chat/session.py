@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...distributed import to_host
-from ..generate import Request, Stream, bucket, prefill_bar
+from ..constrain import Masks
+from ..generate import Generation, Request, Stream, bucket, prefill_bar
 from ..sampling import SamplingParams
-from .tools import parse_answer
+from .grammar import chat_grammar, check_response_format
+from .tools import check_tool_choice, check_tools, parse_answer
 
 if TYPE_CHECKING:
     from ...api import Mistral4
@@ -62,6 +64,21 @@ class ChatResult:
     cached_tokens: int = 0
 
 
+def chat_result(tokenizer: Any, generation: Any, json_answer: bool = False, cached_tokens: int = 0) -> ChatResult:
+    """A `generate.Generation` of a chat prompt, parsed (`tools.parse_answer`) into a `ChatResult`.
+    json_answer: the request asked for a JSON answer (response_format), so one cut off by max_new_tokens is
+    an error too."""
+    g = generation
+    a = parse_answer(tokenizer, g.tokens, "stop" if g.finish_reason == "error" else g.finish_reason)
+    finish, error = a.finish_reason, a.error
+    if g.finish_reason == "error":
+        finish, error = "error", g.error
+    elif json_answer and finish == "length":
+        finish, error = "error", f"the JSON answer was cut off by max_new_tokens ({len(g.tokens)} tokens)"
+    return ChatResult(a.reasoning, a.content, g.prompt_tokens, len(g.tokens), finish, list(g.tokens), a.tool_calls,
+                      error, cached_tokens)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two id sequences."""
     n = min(len(a), len(b))
@@ -73,8 +90,10 @@ class ChatSession:
     """One conversation with a model, its latent cache kept between turns (see the module docstring).
 
     `messages`: the conversation so far (system prompt, then user/assistant turns; answers carry their
-    reasoning as `reasoning_content`). `send(message)` answers one user message (a string, or an
-    OpenAI-style message dict, which may hold image parts) and returns a `ChatResult`; `stream(message)`
+    reasoning as `reasoning_content` and their calls as `tool_calls`). `send(message)` answers one user message
+    (a string, or an OpenAI-style message dict, which may hold image parts) or tool results (a `tool` message
+    dict with its `tool_call_id`, or a list of them for several calls) and returns a `ChatResult`. tools,
+    tool_choice, parallel_tool_calls and response_format apply to every turn, as in `Mistral4.chat`; `stream(message)`
     yields the answer's token ids chunk by chunk (a `Stream`, whose `result` is then the `ChatResult`). Sampling settings apply to every
     turn; each turn samples with `seed`, as `model.chat(messages, seed=seed)` would. `stop_token_ids`:
     default the tokenizer's eos; [] = no stop token (turns end at `max_new_tokens`). `reset()` starts over.
@@ -83,15 +102,22 @@ class ChatSession:
     def __init__(self, model: Mistral4, system: str | None = None, reasoning_effort: str | None = None,
                  max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int = 0, stop_token_ids: Sequence[int] | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, min_cache: int = MIN_CACHE) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, min_cache: int = MIN_CACHE, tools: Any = None,
+                 tool_choice: Any = "auto", response_format: Any = None, parallel_tool_calls: bool = True) -> None:
         self.model = model
         self.tokenizer = model.require_tokenizer()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         if prefill_chunk < 1 or min_cache < 1:
             raise ValueError(f"prefill_chunk and min_cache must be ≥ 1, got {prefill_chunk} and {min_cache}")
-        self.tokenizer.encode_chat([{"role": "user", "content": "x"}], reasoning_effort=reasoning_effort)  # validates
+        self.tokenizer.encode_chat([{"role": "user", "content": "x"}], reasoning_effort=reasoning_effort, tools=tools,
+                                   tool_choice=tool_choice)  # validates
         self.reasoning_effort = reasoning_effort
+        self.tools, self.tool_choice = check_tools(tools), tool_choice
+        self.json_answer = check_response_format(response_format) is not None
+        self.grammar = chat_grammar(self.tokenizer, self.tools, check_tool_choice(tool_choice, self.tools),
+                                    check_response_format(response_format), self.tokenizer.reasons(reasoning_effort),
+                                    parallel_tool_calls)
         self.request = Request((), max_new_tokens, SamplingParams(temperature, top_k, top_p, min_p), seed)
         self.stop_token_ids = (self.tokenizer.eos_id,) if stop_token_ids is None else tuple(int(i) for i in stop_token_ids)
         self.prefill_chunk, self.min_cache = prefill_chunk, min_cache
@@ -107,25 +133,27 @@ class ChatSession:
         self._cached = []
         self._features = {}
 
-    def send(self, message: str | dict[str, Any]) -> ChatResult:
+    def send(self, message: str | dict[str, Any] | list[dict[str, Any]]) -> ChatResult:
         """Answer one user message (and add it and the answer to `messages`)."""
         stream = self.stream(message)
         for _ in stream:
             pass
         return stream.result
 
-    def stream(self, message: str | dict[str, Any], chunk: int = 8) -> Stream:
+    def stream(self, message: str | dict[str, Any] | list[dict[str, Any]], chunk: int = 8) -> Stream:
         """A `Stream` of the answer's new token ids after the prefill and after every `chunk` decode steps (stop
         token dropped); once exhausted, its `result` is the `ChatResult` and `messages` holds the two new turns."""
         return Stream(self._stream(message, chunk))
 
-    def _stream(self, message: str | dict[str, Any], chunk: int) -> Iterator[list[int]]:
+    def _stream(self, message: str | dict[str, Any] | list[dict[str, Any]], chunk: int) -> Iterator[list[int]]:
         """`stream`'s chunks; its return value (`StopIteration.value`) is the `ChatResult`."""
         model, gen = self.model, self.model.generator
         cfg, c = model.config, self.prefill_chunk
-        msg = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
-        messages = self.messages + [msg]
-        ids, images = model.encode_chat(messages, reasoning_effort=self.reasoning_effort)
+        new = [{"role": "user", "content": message}] if isinstance(message, str) else \
+            [dict(m) for m in message] if isinstance(message, (list, tuple)) else [dict(message)]
+        messages = self.messages + new
+        ids, images = model.encode_chat(messages, reasoning_effort=self.reasoning_effort, tools=self.tools,
+                                        tool_choice=self.tool_choice)
         if max(ids) >= cfg.vocab_size:
             raise ValueError(f"the tokenizer produced ids up to {max(ids)}, outside the model's vocabulary ({cfg.vocab_size})")
         max_new = self.request.max_new_tokens
@@ -144,6 +172,8 @@ class ChatSession:
         elif size > cache.slots:
             cache = gen.grow(cache, size)
         settings = gen.settings([self.request], self.stop_token_ids)
+        masks = Masks([self.grammar], cfg.vocab_size)
+        allowed = masks.fill() if masks.active else None
         tokens = np.zeros((1, bucket(max_new)), np.int32)
         img = model.vision_config.image_token_index if model.has_vision else -1
         state: Any = None
@@ -157,10 +187,10 @@ class ChatSession:
                     first = sum(1 for t in ids[:start] if t == img)
                     rows = features[first:first + sum(1 for t in part if t == img)]
                     feats = np.pad(rows, ((0, c - len(rows)), (0, 0)))
-                state = gen.extend(cache, chunk_ids, len(part), start, tokens, settings, feats)
+                state = gen.extend(cache, chunk_ids, len(part), start, tokens, settings, feats, allowed)
                 cache = state.cache
                 bar.update(len(part))
-        steps = gen.follow(state, [self.request], settings, chunk)
+        steps = gen.follow(state, [self.request], settings, chunk, masks)
         while True:
             try:
                 yield next(steps)[0]
@@ -170,15 +200,15 @@ class ChatSession:
         answer = rows[0]
         self._cache = state.cache
         self._cached = list(ids) + (answer if stopped[0] else answer[:-1])  # the last token sampled is not fed
-        a = parse_answer(self.tokenizer, answer, "stop" if stopped[0] else "length")
-        reply: dict[str, Any] = {"role": "assistant", "content": a.content}
-        if a.reasoning:
-            reply["reasoning_content"] = a.reasoning
-        if a.tool_calls:
-            reply["tool_calls"] = a.tool_calls
+        finish = "error" if masks.errors[0] else "stop" if stopped[0] else "length"
+        result = chat_result(self.tokenizer, Generation(answer, finish, len(ids), masks.errors[0]), self.json_answer, keep)
+        reply: dict[str, Any] = {"role": "assistant", "content": result.content}
+        if result.reasoning:
+            reply["reasoning_content"] = result.reasoning
+        if result.tool_calls:
+            reply["tool_calls"] = result.tool_calls
         self.messages = messages + [reply]
-        return ChatResult(a.reasoning, a.content, len(ids), len(answer), a.finish_reason, answer, a.tool_calls, a.error,
-                          keep)
+        return result
 
     def _image_features(self, ids: list[int], images: list[Any]) -> np.ndarray | None:
         """Features [M, D] of the conversation's images in `[IMG]` order (None without images); each image

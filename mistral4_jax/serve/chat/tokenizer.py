@@ -235,6 +235,15 @@ class Tokenizer:
             return None  # nothing to encode: the vocabulary has no model settings, "none" is the only mode
         return reasoning_effort
 
+    def reasons(self, reasoning_effort: str | None) -> bool:
+        """Whether an answer under this reasoning_effort (None: the tokenizer's default) may open with a
+        ``[THINK]`` block: the effort is not "none" and the vocabulary has the think tokens."""
+        effort = self._effort(reasoning_effort)
+        if effort is None:
+            builder = getattr(getattr(self._tekken, "model_settings_builder", None), "reasoning_effort", None)
+            effort = str(getattr(builder.default, "value", builder.default)) if builder is not None else "none"
+        return effort != "none" and self.token_id(BEGIN_THINK) is not None
+
     def _mistral(self) -> MistralTokenizer:
         if self.mistral is None:
             raise ValueError(f"chat encoding needs a tekken.json (mistral-common's tokenizer file); {self.path} is a "

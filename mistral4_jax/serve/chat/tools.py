@@ -133,7 +133,7 @@ def parse_answer(tokenizer: Any, ids: Sequence[int], finish_reason: str) -> Answ
 
 def _openai_call(call: Any, ids: list[int], index: int) -> dict[str, Any]:
     """A mistral-common `ToolCall` -> ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
-    name = call.function.name
+    name = call.function.name.strip()  # a grammar allows whitespace around the name
     if not name:
         raise ValueError("no function name before [ARGS]")
     try:

@@ -1,0 +1,260 @@
+"""Constrained decoding: grammars from chat requests (mistral-common's GrammarFactory + llguidance) accept the
+answers mistral-common writes and refuse the rest; a tiny model with random weights, sampling at temperature
+1, can only produce well-formed calls whose arguments validate, and JSON answers valid under their schema;
+a batch mixes constrained and unconstrained rows without changing the unconstrained ones. Offline (synthetic
+v15 tekken.json)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jsonschema
+import mistral_common
+import numpy as np
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from mistral4_jax import Mistral4
+from mistral4_jax import model as M
+from mistral4_jax.cli.demo import write_synthetic_tekken
+from mistral4_jax.serve.chat import Tokenizer
+from mistral4_jax.serve.chat.grammar import chat_grammar, check_response_format
+from mistral4_jax.serve.chat.tools import check_tool_choice, check_tools
+from mistral4_jax.serve.chat.session import chat_result
+from mistral4_jax.serve.constrain import Masks
+from mistral4_jax.serve.generate import Generation
+from helpers import TINY
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                    "unit": {"type": "string", "enum": ["C", "F"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+BOOK = {"type": "function", "function": {"name": "book-table", "parameters": {
+    "type": "object", "properties": {"guests": {"type": "integer", "minimum": 1, "maximum": 12},
+                                     "vegan": {"type": "boolean"},
+                                     "times": {"type": "array", "items": {"enum": ["19:00", "20:30"]}, "maxItems": 2}},
+    "required": ["guests", "vegan"], "additionalProperties": False}}}
+NOW = {"type": "function", "function": {"name": "now"}}  # no parameters: {} only
+TOOLS = [WEATHER, BOOK, NOW]
+SCHEMAS = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "maxProperties": 0}
+           for t in TOOLS}
+ANSWER_SCHEMA = {"type": "object", "properties": {
+    "answer": {"type": "string", "maxLength": 12}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    "sources": {"type": "array", "items": {"type": "string", "enum": ["web", "book"]}, "maxItems": 3}},
+    "required": ["answer", "confidence"], "additionalProperties": False}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
+USER = [{"role": "user", "content": "Weather in Paris, and book a table."}]
+SEEDS = 20
+VOCAB = 8192  # the first 8,192 ids of the real vocabulary: sampling 20 rows costs 1/16 of the full one on CPU
+
+
+@pytest.fixture(scope="module")
+def tekken_file(tmp_path_factory) -> Path:
+    return write_synthetic_tekken(tmp_path_factory.mktemp("tekken"), vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tok(tekken_file) -> Tokenizer:
+    return Tokenizer.from_dir(tekken_file)
+
+
+@pytest.fixture(scope="module")
+def reference(tekken_file) -> MistralTokenizer:
+    return MistralTokenizer.from_file(str(tekken_file))
+
+
+def grammar(tok, tools=TOOLS, choice="required", response_format=None, reasoning=False, parallel=True):
+    tools = check_tools(tools)
+    return chat_grammar(tok, tools, check_tool_choice(choice, tools), check_response_format(response_format),
+                        reasoning, parallel)
+
+
+def accepts(g, ids) -> bool:
+    """The grammar takes these ids and may end after them."""
+    masks = Masks([g], VOCAB)
+    masks.feed(0, ids)
+    if masks.errors[0] is not None:
+        return False
+    return masks.complete[0] or bool(masks.matchers[0].is_accepting())
+
+
+def allowed(g, ids=()) -> np.ndarray:
+    """Ids the grammar allows after `ids`."""
+    masks = Masks([g], VOCAB)
+    masks.feed(0, ids)
+    return np.flatnonzero(np.unpackbits(masks.fill()[0].view(np.uint8), bitorder="little"))
+
+
+def assistant_ids(reference, reasoning="", content="", calls=()) -> list[int]:
+    """An assistant answer as mistral-common's v15 tokenizer writes it, without its </s>."""
+    msg = {"role": "assistant", "content": content or None, "tool_calls": [
+        {"id": f"c{i:08d}", "type": "function", "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}}
+        for i, (n, a) in enumerate(calls)] or None}
+    if reasoning:
+        msg["reasoning"] = reasoning
+    ids = reference.instruct_tokenizer.encode_assistant_message(AssistantMessage.from_openai(msg), False)
+    return ids[:-1]
+
+
+PARIS = ("get_weather", {"city": "Paris", "unit": "C"})
+TABLE = ("book-table", {"guests": 4, "vegan": True, "times": ["20:30"]})
+
+
+# --------------------------------------------------------------------------------------- grammars
+def test_unconstrained_requests_have_no_grammar(tok):
+    assert grammar(tok, choice="auto") is None
+    assert grammar(tok, tools=None, choice="auto", response_format={"type": "text"}) is None
+    assert grammar(tok, tools=None, choice="none") is None  # nothing to forbid
+
+
+def test_required_accepts_mistral_common_calls(tok, reference):
+    g = grammar(tok)
+    for calls in ([PARIS], [PARIS, TABLE], [("now", {})], [("get_weather", {"city": "東京😀", "unit": "F", "days": 3})]):
+        assert accepts(g, assistant_ids(reference, calls=calls)), calls
+    assert not accepts(g, assistant_ids(reference, content="It is sunny."))  # text instead of a call
+    assert not accepts(g, assistant_ids(reference, content="Let me check.", calls=[PARIS]))  # text first
+    assert not accepts(g, assistant_ids(reference, calls=[("get_weather", {"city": "Paris"})]))  # "unit" missing
+    assert not accepts(g, assistant_ids(reference, calls=[("get_weather", {"city": "Paris", "unit": "K"})]))
+    assert not accepts(g, assistant_ids(reference, calls=[("now", {"x": 1})]))  # no parameters: {}
+    assert not accepts(g, assistant_ids(reference, calls=[("get_time", {})]))  # not a tool
+    assert not accepts(grammar(tok, parallel=False), assistant_ids(reference, calls=[PARIS, TABLE]))
+    assert accepts(grammar(tok, parallel=False), assistant_ids(reference, calls=[TABLE]))
+    assert set(allowed(g).tolist()) == {tok.token_id("[TOOL_CALLS]")}  # the answer opens with a call
+    assert tok.eos_id in allowed(g, assistant_ids(reference, calls=[PARIS]))  # and may end after one
+
+
+def test_reasoning_block_only_with_reasoning_on(tok, reference):
+    ids = assistant_ids(reference, reasoning="Two cities → two calls.", calls=[PARIS])
+    assert accepts(grammar(tok, reasoning=True), ids)
+    assert not accepts(grammar(tok, reasoning=False), ids)
+    assert tok.reasons("high") and not tok.reasons("none") and not tok.reasons(None)  # Mistral Small 4: "none" default
+
+
+def test_named_choice_calls_that_function_only(tok, reference):
+    g = grammar(tok, choice={"type": "function", "function": {"name": "book-table"}})
+    assert accepts(g, assistant_ids(reference, calls=[TABLE]))
+    assert not accepts(g, assistant_ids(reference, calls=[PARIS]))
+
+
+def test_none_forbids_calls(tok, reference):
+    g = grammar(tok, choice="none")
+    assert accepts(g, assistant_ids(reference, content="No tools: 4."))
+    assert tok.token_id("[TOOL_CALLS]") not in allowed(g)
+    assert not accepts(g, assistant_ids(reference, calls=[PARIS]))
+
+
+def test_json_answers(tok):
+    g = grammar(tok, tools=None, choice="auto", response_format=JSON_SCHEMA)
+    good = {"answer": "Paris", "confidence": 0.9, "sources": ["web"]}
+    assert accepts(g, tok.encode(json.dumps(good, ensure_ascii=False)))
+    for bad in ({"answer": "Paris"}, {"answer": "Paris", "confidence": 2}, {**good, "extra": 1}):
+        assert not accepts(g, tok.encode(json.dumps(bad))), bad
+    assert not accepts(g, tok.encode("Paris"))
+    obj = grammar(tok, tools=None, choice="auto", response_format={"type": "json_object"})
+    assert accepts(obj, tok.encode('{"a": [1, {"b": null}]}')) and not accepts(obj, tok.encode('{"a": 1'))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format.json_schema.schema is not a valid JSON schema"),
+    ({"response_format": {"type": "xml"}}, "response_format must be"),
+    ({"response_format": {"type": "json_schema"}}, "needs 'json_schema'"),
+    ({"response_format": {"type": "json_object"}, "tool_choice": "required"}, "cannot be constrained"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "get_time.*not among the tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]},
+     "parameters are not a valid JSON schema"),
+])
+def test_bad_constrained_requests_raise(kwargs, match, model):
+    kwargs = {"tools": TOOLS, "tool_choice": "auto", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        model.chat(USER, **kwargs)
+
+
+def test_old_tokenizer_cannot_be_constrained(tmp_path):
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json", tmp_path / "tekken.json")
+    with pytest.raises(ValueError, match="needs a Tekken tokenizer of version v11"):
+        grammar(Tokenizer.from_dir(tmp_path))
+
+
+# ------------------------------------------------------------------------------------ generation
+@pytest.fixture(scope="module")
+def model(tok):
+    """The tiny config with random weights, over the test tokenizer's vocabulary."""
+    cfg = TINY.replace(vocab_size=VOCAB)
+    m = Mistral4(cfg, M.init_params(cfg, jax.random.PRNGKey(7)))
+    m.tokenizer = tok
+    return m
+
+
+def check_calls(result, names=None):
+    assert result.finish_reason == "tool_calls" and result.error is None, (result.error, result.token_ids)
+    assert result.tool_calls and result.content == "" and result.reasoning == ""
+    for c in result.tool_calls:
+        name = c["function"]["name"]
+        assert name in (names or SCHEMAS)
+        jsonschema.validate(json.loads(c["function"]["arguments"]), SCHEMAS[name])
+
+
+def test_random_model_required_calls_validate(model):
+    results = model.chat([USER] * SEEDS, tools=TOOLS, tool_choice="required", temperature=1.0, seed=0,
+                         max_new_tokens=64, parallel_tool_calls=False)
+    for r in results:
+        check_calls(r)
+        assert len(r.tool_calls) == 1
+    assert len({json.dumps(r.tool_calls) for r in results}) > SEEDS // 2  # the seeds really sample
+    assert {r.tool_calls[0]["function"]["name"] for r in results} == set(SCHEMAS)
+    # parallel calls (the default): each answer is calls until the end token, or cut off by the budget
+    parallel = model.chat([USER] * 8, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "book-table"}},
+                          temperature=1.0, seed=100, max_new_tokens=64)
+    for r in parallel:
+        if r.finish_reason != "tool_calls":  # cut off: "length", or "error" when inside a call; complete calls kept
+            assert r.completion_tokens == 64 and (r.finish_reason == "length" or "cut off by max_new_tokens" in r.error)
+            r.finish_reason, r.error = "tool_calls", None
+        check_calls(r, ["book-table"])
+    assert max(len(r.tool_calls) for r in parallel) > 1
+
+
+def test_random_model_json_answers_validate(model):
+    results = model.chat([USER] * SEEDS, response_format=JSON_SCHEMA, temperature=1.0, seed=0, max_new_tokens=64)
+    for r in results:
+        assert r.finish_reason == "stop" and r.error is None and not r.tool_calls, (r.error, r.content)
+        jsonschema.validate(json.loads(r.content), ANSWER_SCHEMA)
+    cut = chat_result(model.tokenizer, Generation(model.tokenizer.encode(results[0].content)[:3], "length", 9), True)
+    assert cut.finish_reason == "error" and "cut off by max_new_tokens" in cut.error
+
+
+def test_mixed_batch(model, tok):
+    """Constrained and unconstrained rows in one batch: the constrained rows follow their grammars, the others
+    give exactly the tokens they give in a batch without constraints (the on-device loop)."""
+    g_calls, g_json = grammar(tok, parallel=False), grammar(tok, tools=None, choice="auto", response_format=JSON_SCHEMA)
+    prompt = tok.encode_chat(USER, tools=TOOLS)
+    kinds = [g_calls, None, g_json, None] * 2
+    kw = dict(max_new_tokens=48, temperature=1.0, seed=list(range(8)), stop_token_ids=[tok.eos_id])
+    mixed = model.generate([prompt] * 8, grammars=kinds, **kw)
+    free = model.generate([prompt] * 8, **kw)
+    for g, m, f in zip(kinds, mixed, free):
+        if g is None:
+            assert (m.tokens, m.finish_reason) == (f.tokens, f.finish_reason)
+        else:
+            assert m.finish_reason == "stop" and accepts(g, m.tokens), tok.decode(m.tokens, skip_special=False)
+    assert any(f.tokens != m.tokens for g, m, f in zip(kinds, mixed, free) if g is not None)
+
+
+def test_chat_session_tool_loop(model):
+    """A chat session under "required" calls a tool; the tool's result goes back; the answer under "none" is text."""
+    s = model.chat_session(tools=TOOLS, tool_choice="required", temperature=1.0, max_new_tokens=96, seed=3)
+    first = s.send(USER[0]["content"])
+    check_calls(first)
+    assert s.messages[-1]["tool_calls"] == first.tool_calls
+    s.tool_choice = "none"
+    s.grammar = grammar(model.tokenizer, choice="none")
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": "ok"} for c in first.tool_calls]
+    second = s.send(results)
+    assert second.cached_tokens > 0 and not second.tool_calls and second.finish_reason in ("stop", "length")
+    assert model.tokenizer.token_id("[TOOL_CALLS]") not in second.token_ids
