@@ -63,7 +63,7 @@ def test_jsonl_batch_keeps_order_ids_and_reports_bad_lines(model):
     assert "temperature" in out[4]["error"]
     assert "unknown field 'bogus'" in out[6]["error"]
     for r, line in ((out[0], lines[0]), (out[5], lines[6])):
-        assert set(r) == {"id", "reasoning", "content", "prompt_tokens", "completion_tokens", "finish_reason"}
+        assert set(r) == {"id", "reasoning", "content", "tool_calls", "prompt_tokens", "completion_tokens", "finish_reason"}
         # the same request through model.generate: the row reports its tokens and why they ended
         req = json.loads(line)
         prompt = model.tokenizer.encode_chat(req["messages"])
@@ -117,9 +117,9 @@ def test_interactive_chat_cli_with_image(tmp_path, monkeypatch, capsys):
         init(self, *a, **k, prefill_chunk=16)  # the image's [IMG] tokens span several chunks
         sessions.append(self)
 
-    def spy_extend(self, cache, ids, n, index, tokens, settings, feats=None):
+    def spy_extend(self, cache, ids, n, index, tokens, settings, feats=None, allowed=None):
         chunks.append((ids[0, :n].tolist(), None if feats is None else np.asarray(feats)))
-        return extend(self, cache, ids, n, index, tokens, settings, feats)
+        return extend(self, cache, ids, n, index, tokens, settings, feats, allowed)
 
     def spy_stream(self, *a, **k):
         streams.append(stream(self, *a, **k))

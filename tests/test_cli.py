@@ -181,3 +181,28 @@ def test_batch_stop_token_ids_empty_means_no_stop_token():
     assert (none.error, none.stop_token_ids) == (None, ())
     assert (default.error, default.stop_token_ids) == (None, None)
     assert ids.stop_token_ids == (2, 5)
+
+
+# ------------------------------------------------------------------------------- tools and JSON
+@pytest.mark.parametrize("tools, extra, message", [
+    (None, ["--tools", "/nonexistent/tools.json"], "--tools /nonexistent/tools.json: /nonexistent/tools.json: cannot read"),
+    ("[{not json", [], "not valid JSON"),
+    ('{"type": "function"}', [], "tools must be a list"),
+    ('[{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}]', [],
+     r"tools[0] (f): parameters are not a valid JSON schema"),
+    ('[{"type": "function", "function": {"name": "f"}}]', ["--tool-choice", "g"],
+     "--tool-choice: tool_choice names the function 'g', which is not among the tools (f)"),
+    (None, ["--tool-choice", "required"], "--tool-choice: tool_choice='required' needs tools"),
+    (None, ["--json-schema", "SCHEMA"], "is not a valid JSON schema"),
+])
+def test_bad_tool_options_fail_before_the_model_loads(capsys, tmp_path, tools, extra, message):
+    argv = ["generate", "--checkpoint", MISSING, "--prompt", "hi"]
+    if tools is not None:
+        (tmp_path / "tools.json").write_text(tools)
+        argv += ["--tools", str(tmp_path / "tools.json")]
+    (tmp_path / "schema.json").write_text('{"type": "objekt"}')
+    argv += [str(tmp_path / "schema.json") if a == "SCHEMA" else a for a in extra]
+    status, err = main(capsys, *argv)
+    assert status == 2 and message in err and MISSING not in err
+    status, err2 = main(capsys, *["chat" if a == "generate" else a for a in argv if a not in ("--prompt", "hi")])
+    assert status == 2 and message in err2

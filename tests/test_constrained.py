@@ -18,10 +18,11 @@ import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral4_jax import Mistral4
+from mistral4_jax import Mistral4, cli
 from mistral4_jax import model as M
 from mistral4_jax.cli.demo import write_synthetic_tekken
-from mistral4_jax.serve.chat import Tokenizer
+from mistral4_jax.serve import batch
+from mistral4_jax.serve.chat import ChatSession, Tokenizer
 from mistral4_jax.serve.chat.grammar import chat_grammar, check_response_format
 from mistral4_jax.serve.chat.tools import check_tool_choice, check_tools
 from mistral4_jax.serve.chat.session import chat_result
@@ -210,8 +211,8 @@ def test_random_model_required_calls_validate(model):
     assert len({json.dumps(r.tool_calls) for r in results}) > SEEDS // 2  # the seeds really sample
     assert {r.tool_calls[0]["function"]["name"] for r in results} == set(SCHEMAS)
     # parallel calls (the default): each answer is calls until the end token, or cut off by the budget
-    parallel = model.chat([USER] * 8, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "book-table"}},
-                          temperature=1.0, seed=100, max_new_tokens=64)
+    parallel = model.chat([USER] * SEEDS, tools=TOOLS, temperature=1.0, seed=100, max_new_tokens=64,
+                          tool_choice={"type": "function", "function": {"name": "book-table"}})
     for r in parallel:
         if r.finish_reason != "tool_calls":  # cut off: "length", or "error" when inside a call; complete calls kept
             assert r.completion_tokens == 64 and (r.finish_reason == "length" or "cut off by max_new_tokens" in r.error)
@@ -221,7 +222,8 @@ def test_random_model_required_calls_validate(model):
 
 
 def test_random_model_json_answers_validate(model):
-    results = model.chat([USER] * SEEDS, response_format=JSON_SCHEMA, temperature=1.0, seed=0, max_new_tokens=64)
+    results = model.chat([USER] * SEEDS, response_format=JSON_SCHEMA, temperature=1.0, seed=0, max_new_tokens=64,
+                         tools=TOOLS, tool_choice="none")  # the tools keep the prompt (and compiled shapes) of the others
     for r in results:
         assert r.finish_reason == "stop" and r.error is None and not r.tool_calls, (r.error, r.content)
         jsonschema.validate(json.loads(r.content), ANSWER_SCHEMA)
@@ -234,10 +236,10 @@ def test_mixed_batch(model, tok):
     give exactly the tokens they give in a batch without constraints (the on-device loop)."""
     g_calls, g_json = grammar(tok, parallel=False), grammar(tok, tools=None, choice="auto", response_format=JSON_SCHEMA)
     prompt = tok.encode_chat(USER, tools=TOOLS)
-    kinds = [g_calls, None, g_json, None] * 2
-    kw = dict(max_new_tokens=48, temperature=1.0, seed=list(range(8)), stop_token_ids=[tok.eos_id])
-    mixed = model.generate([prompt] * 8, grammars=kinds, **kw)
-    free = model.generate([prompt] * 8, **kw)
+    kinds = [g_calls, None, g_json, None] * (SEEDS // 4)
+    kw = dict(max_new_tokens=64, temperature=1.0, seed=list(range(SEEDS)), stop_token_ids=[tok.eos_id])
+    mixed = model.generate([prompt] * SEEDS, grammars=kinds, **kw)
+    free = model.generate([prompt] * SEEDS, **kw)
     for g, m, f in zip(kinds, mixed, free):
         if g is None:
             assert (m.tokens, m.finish_reason) == (f.tokens, f.finish_reason)
@@ -246,15 +248,62 @@ def test_mixed_batch(model, tok):
     assert any(f.tokens != m.tokens for g, m, f in zip(kinds, mixed, free) if g is not None)
 
 
-def test_chat_session_tool_loop(model):
-    """A chat session under "required" calls a tool; the tool's result goes back; the answer under "none" is text."""
-    s = model.chat_session(tools=TOOLS, tool_choice="required", temperature=1.0, max_new_tokens=96, seed=3)
-    first = s.send(USER[0]["content"])
-    check_calls(first)
-    assert s.messages[-1]["tool_calls"] == first.tool_calls
-    s.tool_choice = "none"
-    s.grammar = grammar(model.tokenizer, choice="none")
-    results = [{"role": "tool", "tool_call_id": c["id"], "content": "ok"} for c in first.tool_calls]
-    second = s.send(results)
-    assert second.cached_tokens > 0 and not second.tool_calls and second.finish_reason in ("stop", "length")
-    assert model.tokenizer.token_id("[TOOL_CALLS]") not in second.token_ids
+def test_jsonl_batch_with_tools_and_json(model):
+    """JSONL lines with tools / tool_choice / response_format share a device batch with a plain line; a bad tool
+    choice or schema fails its line only; results carry the calls."""
+    tool_line = {"id": "call", "messages": USER, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False,
+                 "temperature": 1.0, "seed": 5}
+    lines = [json.dumps(tool_line),
+             json.dumps({"id": "json", "messages": USER, "response_format": JSON_SCHEMA, "temperature": 1.0}),
+             json.dumps({"id": "plain", "messages": USER, "max_tokens": 4}),
+             json.dumps({**tool_line, "id": "bad-choice", "tool_choice": {"type": "function", "function": {"name": "x"}}}),
+             json.dumps({"id": "bad-schema", "messages": USER, "response_format": {
+                 "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "objekt"}}}}),
+             json.dumps({**tool_line, "id": "bad-parallel", "parallel_tool_calls": "yes"})]
+    out = list(batch.run(model, lines, {"max_new_tokens": 64}, batch_size=4))
+    assert [r["id"] for r in out] == ["call", "json", "plain", "bad-choice", "bad-schema", "bad-parallel"]
+    call, answer, plain = out[:3]
+    assert call["finish_reason"] == "tool_calls" and len(call["tool_calls"]) == 1, call
+    name, args = call["tool_calls"][0]["function"]["name"], call["tool_calls"][0]["function"]["arguments"]
+    jsonschema.validate(json.loads(args), SCHEMAS[name])
+    jsonschema.validate(json.loads(answer["content"]), ANSWER_SCHEMA)
+    assert plain["completion_tokens"] <= 4 and "error" not in plain
+    assert out[3]["error"] == "input line 4: tool_choice names the function 'x', which is not among the tools " \
+                              "(get_weather, book-table, now)"
+    assert "input line 5: response_format.json_schema.schema is not a valid JSON schema" in out[4]["error"]
+    assert "input line 6: 'parallel_tool_calls' must be true or false" in out[5]["error"]
+
+
+def test_cli_tools(model, tmp_path, monkeypatch, capsys):
+    """`generate --prompt --tools F --tool-choice required` prints the call as a JSON line; `chat --tools F`
+    asks for the result of each call the model makes and answers with it in the history."""
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    monkeypatch.setattr("mistral4_jax.cli.commands.load_model", lambda args: model)
+    common = ["--checkpoint", "unused", "--tools", str(tmp_path / "tools.json"), "--temperature", "1",
+              "--max-new-tokens", "48"]
+    assert cli.main(["generate", *common, "--prompt", USER[0]["content"], "--tool-choice", "now"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [json.loads(x) for x in out.splitlines() if x.startswith('{"tool_call"')]
+    assert line["tool_call"]["function"] == {"name": "now", "arguments": "{}"}
+    asked, typed = [], iter([USER[0]["content"], "21 C"])
+
+    def fake_input(prompt=""):
+        asked.append(prompt)
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    sessions = []
+    monkeypatch.setattr(Mistral4, "chat_session", lambda self, **kw: sessions.append(ChatSession(self, **kw)) or sessions[-1])
+    assert cli.main(["chat", *common, "--tool-choice", "required"]) == 0
+    (session,) = sessions
+    first = session.messages[1]
+    for c in first["tool_calls"]:
+        jsonschema.validate(json.loads(c["function"]["arguments"]), SCHEMAS[c["function"]["name"]])
+    assert asked[1] == f"result of {first['tool_calls'][0]['function']['name']}" \
+                       f"({first['tool_calls'][0]['function']['arguments']}) [{first['tool_calls'][0]['id']}]> "
+    assert session.messages[2] == {"role": "tool", "tool_call_id": first["tool_calls"][0]["id"], "content": "21 C"}
+    assert asked[-2].startswith("result of ") and session.messages[-1]["tool_calls"]  # "required" again; input ended
+    assert "prefilled" in capsys.readouterr().err

@@ -107,7 +107,7 @@ def _number(text: str) -> float:
 def test_quickstart(executed, tmp_path):
     devices = 1
     out = executed("quickstart.ipynb", devices)
-    load, chat, image, preprocessing, experts = (o for o in out if o)
+    load, chat, image, preprocessing, experts, calling, json_answer = (o for o in out if o)
     assert re.search(rf"on cpu: {devices} device\(s\)$", load, re.M)
     assert re.search(r"^[\d,]+ parameters; vision tower: True$", load, re.M)
     answers = re.findall(r"^reasoning_effort=(\w+): (\d+) prompt tokens -> (\d+) tokens in", chat, re.M)
@@ -124,6 +124,18 @@ def test_quickstart(executed, tmp_path):
     tokens, k, per_layer = re.match(r"(\d+) tokens x top-(\d+): \[([\d, ]+)\] expert choices per layer", experts).groups()
     layers = demo.DEMO_TEXT["num_hidden_layers"]
     assert [int(c) for c in per_layer.split(",")] == [int(tokens) * int(k)] * layers  # k experts per token per layer
+    # function calling: random weights, yet tool_choice="required" (constrained decoding) gives one well-formed call
+    name, arguments = re.search(r"^tool_calls: (\w+)\((.*)\)$", calling, re.M).groups()
+    args = json.loads(arguments)
+    assert name == "get_weather" and set(args) == {"city", "unit"}
+    assert args["unit"] in ("celsius", "fahrenheit") and isinstance(args["city"], str) and len(args["city"]) <= 10
+    result = json.loads(re.search(r"^tool result: (.*)$", calling, re.M).group(1))
+    assert result == {"city": args["city"], "temperature": 21 if args["unit"] == "celsius" else 70, "unit": args["unit"]}
+    assert re.search(r"^final answer \((stop|length)\): ", calling, re.M)  # tool_choice="none": text, no call
+    finish, content = re.fullmatch(r"(\w+): (.*)\n", json_answer, re.S).groups()
+    answer = json.loads(content)  # response_format json_schema: valid under the schema
+    assert finish == "stop" and set(answer) == {"city", "rain"} and isinstance(answer["rain"], bool)
+    assert isinstance(answer["city"], str) and len(answer["city"]) <= 8
 
 
 def test_convert_and_shard(executed):

@@ -84,6 +84,57 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
 
 
+def add_tool_options(p: argparse.ArgumentParser) -> None:
+    """Function calling and JSON output; `read_tool_options` (run before anything is loaded) reads the files."""
+    p.add_argument("--tools", default=None, metavar="FILE.json",
+                   help="OpenAI-style tool definitions: a JSON list of {'type': 'function', 'function': {...}}")
+    p.add_argument("--tool-choice", default="auto", metavar="auto|none|required|NAME",
+                   help="auto (the model decides, the default), none (no calls), required (calls only), or a tool's "
+                        "name (calls of it); all but auto are enforced by constrained decoding")
+    p.add_argument("--json-schema", default=None, metavar="FILE.json|object",
+                   help="answer with JSON valid under this schema file ('object': any JSON object or array)")
+
+
+def read_tool_options(args: argparse.Namespace) -> None:
+    """Read --tools / --json-schema and check them with --tool-choice (ValueError naming the file or option);
+    sets args.tool_kwargs, the chat keyword arguments (tools, tool_choice, response_format)."""
+    from mistral4_jax.serve.chat.grammar import check_response_format
+    from mistral4_jax.serve.chat.tools import TOOL_CHOICES, check_tool_choice, check_tools
+
+    def load(path: str) -> Any:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+    tools = None
+    if args.tools:
+        try:
+            tools = check_tools(load(args.tools))
+        except ValueError as e:
+            raise ValueError(f"--tools {args.tools}: {e}") from None
+    choice: Any = args.tool_choice
+    if choice not in TOOL_CHOICES:
+        choice = {"type": "function", "function": {"name": choice}}
+    try:
+        choice = check_tool_choice(choice, tools)
+    except ValueError as e:
+        raise ValueError(f"--tool-choice: {e}") from None
+    fmt = None
+    if args.json_schema == "object":
+        fmt = {"type": "json_object"}
+    elif args.json_schema:
+        schema = load(args.json_schema)
+        try:
+            fmt = check_response_format({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        except ValueError as e:
+            raise ValueError(f"--json-schema {args.json_schema}: {e}") from None
+    args.tool_kwargs = {"tools": tools, "tool_choice": choice, "response_format": fmt}
+
+
 def init_distributed(args: argparse.Namespace) -> None:
     """jax.distributed.initialize from flags or environment; no-op for a single process."""
     import jax
@@ -200,6 +251,7 @@ def add_generate(sub: Any, subcommand: Any) -> None:
     p.add_argument("--input", default=None, help="requests.jsonl: one chat request per line")
     p.add_argument("--output", default=None, help="results.jsonl (with --input)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="requests per device batch in --input mode")
+    add_tool_options(p)
     p.set_defaults(run=run_generate, check=check_generate)
 
 
@@ -214,6 +266,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if args.input and (args.image or args.system):
         raise ValueError("--image and --system go with --prompt (with --input, each request carries its messages)")
     check_sampling(args)
+    read_tool_options(args)
 
 
 def _user_message(text: str, images: list[str]) -> dict[str, Any]:
@@ -240,16 +293,32 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Stream one answer to stdout (generate --prompt)."""
+    from mistral4_jax.serve.chat.grammar import chat_grammar
+    from mistral4_jax.serve.chat.session import chat_result
     from mistral4_jax.serve.generate import Request
     from mistral4_jax.serve.sampling import SamplingParams
 
-    prompt, images = model.encode_chat(messages, reasoning_effort=args.reasoning_effort)  # images: --image files
+    tok, kw = model.require_tokenizer(), args.tool_kwargs
+    prompt, images = model.encode_chat(messages, reasoning_effort=args.reasoning_effort, tools=kw["tools"],
+                                       tool_choice=kw["tool_choice"])  # images: --image files
+    grammar = chat_grammar(tok, kw["tools"], kw["tool_choice"], kw["response_format"], tok.reasons(args.reasoning_effort))
     request = Request(prompt, args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p),
-                      args.seed, tuple(images))
-    stream = model.generator.stream([request], [model.require_tokenizer().eos_id], chunk=8)
+                      args.seed, tuple(images), grammar)
+    stream = model.generator.stream([request], [tok.eos_id], chunk=8)
     seconds = _print_stream(model, (row for row, in stream))
-    result = stream.result[0]
-    _report(len(result.tokens), seconds, result.finish_reason)
+    result = chat_result(tok, stream.result[0], json_answer=kw["response_format"] is not None)
+    _print_calls(result)
+    _report(result.completion_tokens, seconds, result.finish_reason)
+
+
+def _print_calls(result: Any) -> None:
+    """The answer's tool calls, one JSON line each on stdout, and its error on stderr (host 0)."""
+    if not is_main_process():
+        return
+    for call in result.tool_calls:
+        print(json.dumps({"tool_call": call}, ensure_ascii=False))
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
 
 
 def _print_stream(model: Any, chunks: Any) -> float:
@@ -287,7 +356,8 @@ def read_requests(args: argparse.Namespace) -> list[Any]:
     with open(args.input) as f:
         lines = f.read().splitlines()
     defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed, "reasoning_effort": args.reasoning_effort}
+                "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed, "reasoning_effort": args.reasoning_effort,
+                **{k: v for k, v in args.tool_kwargs.items() if v is not None}}  # --tools etc.: every line's default
     parsed = batch.parse(lines, defaults, source=args.input)
     if not parsed:
         raise ValueError(f"{args.input}: no requests (the file is {'empty' if not lines else 'blank'}): "
@@ -324,11 +394,18 @@ def write_results(model: Any, requests: list[Any], args: argparse.Namespace) -> 
 # ------------------------------------------------------------------------------------------ chat
 def add_chat(sub: Any, subcommand: Any) -> None:
     p = subcommand(sub, "chat", help="interactive chat session (/image PATH attaches an image to the next "
-                                     "message, /reset clears the history, /exit quits)")
+                                     "message, /reset clears the history, /exit quits; with --tools, each call the "
+                                     "model makes asks for its result)")
     add_model_options(p)
     add_sampling_options(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.set_defaults(run=run_chat, image=[])
+    add_tool_options(p)
+    p.set_defaults(run=run_chat, image=[], check=check_chat)
+
+
+def check_chat(args: argparse.Namespace) -> None:
+    check_sampling(args)
+    read_tool_options(args)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -337,7 +414,7 @@ def run_chat(args: argparse.Namespace) -> int:
     model = load_model(args)
     session = model.chat_session(system=args.system, reasoning_effort=args.reasoning_effort,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+                                 top_p=args.top_p, min_p=args.min_p, seed=args.seed, **args.tool_kwargs)
     images: list[str] = []  # attached to the next message
     print("chat: type a message; /image PATH attaches an image to the next one, /reset clears the history, "
           "/exit quits", file=sys.stderr)
@@ -364,14 +441,32 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         if not line:
             continue
-        message, images = _user_message(line, images), []
-        answer = session.stream(message)
-        try:
-            seconds = _print_stream(model, answer)
-        except (ValueError, OSError) as e:  # e.g. an unreadable image: report it, keep the session
-            print(f"chat: error: {e}", file=sys.stderr)
-            continue
-        r = answer.result
-        _report(r.completion_tokens, seconds, r.finish_reason,
-                f", prompt {r.prompt_tokens} tokens ({r.prompt_tokens - r.cached_tokens} prefilled, {r.cached_tokens} cached)")
+        message: Any = _user_message(line, images)
+        images = []
+        while message is not None:  # the answer, then as long as it calls tools: their results and the next answer
+            answer = session.stream(message)
+            try:
+                seconds = _print_stream(model, answer)
+            except (ValueError, OSError) as e:  # e.g. an unreadable image: report it, keep the session
+                print(f"chat: error: {e}", file=sys.stderr)
+                break
+            r = answer.result
+            _print_calls(r)
+            _report(r.completion_tokens, seconds, r.finish_reason, f", prompt {r.prompt_tokens} tokens "
+                    f"({r.prompt_tokens - r.cached_tokens} prefilled, {r.cached_tokens} cached)")
+            message = _tool_results(r.tool_calls)
     return 0
+
+
+def _tool_results(calls: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Ask for the result of each call (one line each; the model answers once all are in); None without calls
+    or when input ends."""
+    results = []
+    for call in calls:
+        f = call["function"]
+        try:
+            text = input(f"result of {f['name']}({f['arguments']}) [{call['id']}]> ")
+        except EOFError:
+            return None
+        results.append({"role": "tool", "tool_call_id": call["id"], "content": text})
+    return results or None

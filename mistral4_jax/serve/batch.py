@@ -2,9 +2,14 @@
 
 Each input line is one OpenAI-style request: {"id": ..., "messages": [...] (user messages may hold image parts:
 {"type": "image_url", "image_url": {"url": path | file:// | data URI}}), optional "max_tokens" /
-"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "reasoning_effort", "stop_token_ids"}.
-Each output line: {"id", "reasoning", "content", "prompt_tokens", "completion_tokens", "finish_reason"}
-or, for a line that could not be served, {"id", "error"} — one bad line never stops the batch.
+"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "reasoning_effort", "stop_token_ids", and for
+function calling and JSON output "tools", "tool_choice", "parallel_tool_calls", "response_format" (as in
+`Mistral4.chat`; the history may hold assistant "tool_calls" and "tool" messages)}.
+Each output line: {"id", "reasoning", "content", "tool_calls", "prompt_tokens", "completion_tokens",
+"finish_reason"} (finish_reason "tool_calls" when the answer calls tools; "error", with an "error" field, when a
+call is malformed or a JSON answer was cut off) or, for a line that could not be served, {"id", "error"} — one
+bad line never stops the batch. Constrained lines (tool_choice "required" / "none" / named, response_format)
+share device batches with the others (`constrain`).
 
 Two steps, so that a bad file is reported before a model is loaded:
 `parse(lines, defaults)` checks every line without a model (JSON, field names and types, value ranges,
@@ -26,15 +31,19 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from .chat import REASONING_EFFORTS
+from .chat.grammar import chat_grammar, check_response_format
+from .chat.session import chat_result
+from .chat.tools import check_tool_choice, check_tools
 from .generate import Request
 from .sampling import SamplingParams
-from .chat import REASONING_EFFORTS, split_reasoning
 
 log = logging.getLogger(__name__)
 
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p")
+_TOOLING = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 _FIELDS = {"id", "messages", "max_tokens", "max_new_tokens", "seed", "reasoning_effort", "stop_token_ids", "model",
-           *_SAMPLING}
+           *_SAMPLING, *_TOOLING}
 
 
 @dataclasses.dataclass
@@ -49,6 +58,10 @@ class Parsed:
     seed: int = 0
     reasoning_effort: str | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's eos; (): no stop token
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
     error: str | None = None
 
 
@@ -87,9 +100,15 @@ def _request(obj: Any, defaults: dict[str, Any]) -> dict[str, Any]:
                               or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in stops)):
         raise ValueError(f"'stop_token_ids' must be a list of token ids ([] = no stop token), got {stops!r}")
     sampling = SamplingParams(*(opts.get(k, getattr(SamplingParams, k)) for k in _SAMPLING))  # checks the ranges
+    tools = check_tools(opts.get("tools"))
+    parallel = opts.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise ValueError(f"'parallel_tool_calls' must be true or false, got {parallel!r}")
     return dict(messages=messages, max_new_tokens=_int(opts, limit, 1), sampling=sampling,
                 seed=_int(opts, "seed", 0, 2**32) if "seed" in opts else 0, reasoning_effort=effort,
-                stop_token_ids=None if stops is None else tuple(stops))
+                stop_token_ids=None if stops is None else tuple(stops), tools=tools,
+                tool_choice=check_tool_choice(opts.get("tool_choice", "auto"), tools), parallel_tool_calls=parallel,
+                response_format=check_response_format(opts.get("response_format")))
 
 
 def parse(lines: list[str], defaults: dict[str, Any] | None = None, source: str = "input") -> list[Parsed]:
@@ -137,7 +156,10 @@ def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dic
             results[i] = {"id": p.id, "error": p.error}
             continue
         try:
-            prompt, images = model.encode_chat(p.messages, reasoning_effort=p.reasoning_effort)  # decodes images
+            prompt, images = model.encode_chat(p.messages, reasoning_effort=p.reasoning_effort, tools=p.tools,
+                                               tool_choice=p.tool_choice)  # decodes images
+            grammar = chat_grammar(tok, p.tools, p.tool_choice, p.response_format, tok.reasons(p.reasoning_effort),
+                                   p.parallel_tool_calls)
             if max(prompt) >= model.config.vocab_size:
                 raise ValueError(f"the tokenizer produced ids up to {max(prompt)}, outside the model's vocabulary")
             window = model.config.max_length
@@ -148,17 +170,20 @@ def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dic
         except (ValueError, TypeError, KeyError, OSError) as e:
             results[i] = {"id": p.id, "error": f"line {p.line}: {e}"}
             continue
-        groups.setdefault(stops, []).append((i, Request(prompt, p.max_new_tokens, p.sampling, p.seed, tuple(images))))
+        groups.setdefault(stops, []).append((i, Request(prompt, p.max_new_tokens, p.sampling, p.seed, tuple(images),
+                                                        grammar)))
     for stops, members in groups.items():
         for start in range(0, len(members), batch_size):
             for i, g in _generate(model, members[start:start + batch_size], stops):
                 if isinstance(g, ValueError):
                     results[i] = {"id": parsed[i].id, "error": f"line {parsed[i].line}: {g}"}
                     continue
-                reasoning, content = split_reasoning(g.tokens, tok)
-                results[i] = {"id": parsed[i].id, "reasoning": reasoning, "content": content,
-                              "prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
-                              "finish_reason": g.finish_reason}
+                r = chat_result(tok, g, json_answer=parsed[i].response_format is not None)
+                results[i] = {"id": parsed[i].id, "reasoning": r.reasoning, "content": r.content,
+                              "tool_calls": r.tool_calls, "prompt_tokens": r.prompt_tokens,
+                              "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason}
+                if r.error is not None:
+                    results[i]["error"] = r.error
     for i in range(len(parsed)):
         yield results[i]
 
