@@ -322,7 +322,7 @@ class Mistral4:
         assistant `tool_calls` and `tool` messages with a `tool_call_id`.
         tool_choice: "auto" (the model decides; unconstrained), "required" (one or more calls of the tools),
         {"type": "function", "function": {"name": ...}} (calls of that function), "none" (text only);
-        parallel_tool_calls=False: at most one call per answer.
+        parallel_tool_calls=False: at most one call per constrained answer.
         response_format: None / {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
         "json_schema": {"name": ..., "schema": {...}}} (a JSON answer valid under the schema).
         All but "auto" and text are enforced by constrained decoding (`chat.grammar`): the model can only

@@ -19,6 +19,11 @@ existing cache, attending to the cached prefix and to itself (absorbed MLA, `mod
 so every turn of every length reuses one compiled chunk function per cache bucket; the cache grows to the
 next power of two (`Generator.grow`, a copy) when a turn would overflow it.
 
+Constrained rows (`Request.grammar`, `constrain`): the first token and every decode step take packed masks of
+the allowed tokens, filled on the host by each row's grammar matcher from the tokens so far; a batch holding a
+constrained row therefore runs the decode loop one step per call (`follow`), and its unconstrained rows allow
+every token (same tokens as without masks). The masked programs are compiled once per shape, beside the others.
+
 Images (`Request.images`, a model with a vision tower): before prefill, the images of all rows are run
 through the vision tower and projector together (`Mistral4.request_image_features`, its own jitted function,
 compiled per packed-patch bucket); the features, padded to a power of two ≥ 16 rows (one more recompile

@@ -3,6 +3,7 @@
 * `tokenizer.py`: `Tokenizer` (text <-> ids, special ids, reasoning split, chat entry points).
 * `format.py`: message checks, mistral-common request building and encoding, the reasoning split.
 * `tools.py`: function calling: `tools` / `tool_choice` checks, `parse_answer` (reasoning, content, calls).
+* `grammar.py`: the grammar of a constrained request (tool_choice required / named / none, JSON response formats).
 * `images.py`: messages with image parts (our image preprocessing inside mistral-common's encoding).
 * `stream.py`: `IncrementalDecoder` for streaming text.
 * `session.py`: `ChatResult`, and `ChatSession` (multi-turn chat that keeps its KV cache between turns).
