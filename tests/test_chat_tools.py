@@ -255,15 +255,6 @@ def model(tok):
     return m
 
 
-def test_chat_with_tools_end_to_end(model, reference):
-    """A real (tiny, random) generation with tools: the prompt is mistral-common's, the answer parses."""
-    r = model.chat(TURN[:2], tools=TOOLS, max_new_tokens=3)
-    assert r.prompt_tokens == len(reference_ids(reference, TURN[:2], TOOLS))
-    assert r.finish_reason in ("stop", "length", "tool_calls", "error") and r.completion_tokens <= 3
-    a = parse_answer(model.tokenizer, r.token_ids, "stop")
-    assert (r.reasoning, r.content, r.tool_calls, r.error) == (a.reasoning, a.content, a.tool_calls, a.error)
-
-
 def test_chat_parses_calls_and_reports_malformed_ones(model, reference, monkeypatch):
     """Generation replaced by canned answers (mistral-common's ids): a batch where one answer calls tools,
     one is malformed and one is text; nothing raises, each result says what it holds."""
