@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def _launch(ckpt: str, out: str, *extra: str) -> list[subprocess.Popen]:
     port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # XLA_FLAGS too: conftest's compile-time flags
     return [subprocess.Popen([sys.executable, WORKER, port, str(i), ckpt, out, *extra], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
