@@ -16,13 +16,13 @@ from mistral4_jax.serve.chat import ChatSession, Tokenizer
 from mistral4_jax.serve.generate import Generator
 from helpers import TINY
 
-CFG = TINY.replace(vocab_size=131072)
+CFG = TINY.replace(vocab_size=8192)  # the first 8,192 ids of the real vocabulary (write_synthetic_tekken)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    demo.write_synthetic_tekken(d / "tekken.json")
+    demo.write_synthetic_tekken(d / "tekken.json", vocab_size=CFG.vocab_size)
     m = Mistral4(CFG, M.init_params(CFG, jax.random.key(0)))
     m.tokenizer = Tokenizer.from_dir(d)
     return m
