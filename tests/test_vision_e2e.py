@@ -1,7 +1,7 @@
 """Vision end to end: a multimodal checkpoint against transformers' `Mistral3ForConditionalGeneration`.
 
-One tiny random float32 `Mistral3ForConditionalGeneration` (text: configs/tiny.json with the Tekken vocabulary
-size, so that real chat ids fit; vision: a small Pixtral tower) is saved once. Ours is loaded from that HF
+One tiny random float32 `Mistral3ForConditionalGeneration` (text: configs/tiny.json over the first 8,192 ids of
+the Tekken vocabulary, which the synthetic tekken.json keeps; vision: a small Pixtral tower) is saved once. Ours is loaded from that HF
 directory and from its conversion (`convert` -> Orbax -> `load`); both must give transformers' logits (max
 |Δ| ≤ 1e-3, KL ≤ 1e-5 per token) and greedy tokens for one image, two images of different sizes in one
 prompt, and a batch of two left-padded prompts with different images. The prompts are built the way
@@ -33,7 +33,7 @@ from mistral4_jax.serve.chat import Tokenizer
 from mistral4_jax.cli.demo import write_synthetic_tekken
 from helpers import TINY, assert_logits_close
 
-CFG = TINY.replace(vocab_size=131072)
+CFG = TINY.replace(vocab_size=8192)  # the first 8,192 ids of the real Tekken vocabulary
 PATCH, MERGE, LONGEST = 4, 2, 64
 IMAGE_CFG = {"image_patch_size": PATCH, "max_image_size": LONGEST, "spatial_merge_size": MERGE}
 NEW_TOKENS = 4
@@ -72,7 +72,7 @@ def hf(tmp_path_factory):
                 p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
     directory = str(tmp_path_factory.mktemp("mistral3"))
     model.save_pretrained(directory)
-    write_synthetic_tekken(directory, image=IMAGE_CFG)
+    write_synthetic_tekken(directory, image=IMAGE_CFG, vocab_size=CFG.vocab_size)
     return model, directory
 
 
@@ -353,7 +353,7 @@ def test_more_images_than_slots_and_bad_images_raise(ours, encoded, images, tmp_
 def test_tokenizer_without_image_support(hf, ours, conversations, tmp_path):
     """A Tekken file without an image section needs the model's processor (sizes) to encode images."""
     d = tmp_path / "plain"
-    write_synthetic_tekken(d)
+    write_synthetic_tekken(d, vocab_size=CFG.vocab_size)
     tok = Tokenizer.from_dir(d)
     with pytest.raises(ValueError, match="no image config"):
         tok.encode_chat_with_images(conversations["one"])
