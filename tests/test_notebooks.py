@@ -84,6 +84,9 @@ def test_demo_keeps_its_workdir_and_the_readme_example_loads_it(env, tmp_path):
     assert sorted(os.listdir(tmp_path / "mistral4-demo")) == ["MISTRAL4_DEMO.txt", "converted", "hf"]
     answer = re.search(r"\[reasoning_effort=high\] .* -> 24 tokens.*\n(?:    reasoning: .*\n)?    content:   (.*)\n",
                        proc.stdout).group(1)
+    name, arguments = re.search(r"\[function calling, tool_choice=required\] .* \(tool_calls\) in .*\n    call:      "
+                                r"(\w+)\((.*)\)\n", proc.stdout).groups()  # random weights, a well-formed call
+    assert name == "get_weather" and json.loads(arguments)["unit"] in ("celsius", "fahrenheit")
     example = re.search(r"## Python API\n\n```python\n(.*?)```", open(os.path.join(REPO, "README.md")).read(), re.S)
     again = subprocess.run([sys.executable, "-c", example.group(1) + "print(repr(answer.content[:200]))"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
