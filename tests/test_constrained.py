@@ -22,6 +22,7 @@ from mistral4_jax import Mistral4, cli
 from mistral4_jax import model as M
 from mistral4_jax.cli.demo import write_synthetic_tekken
 from mistral4_jax.serve import batch
+from mistral4_jax.sharding import make_mesh
 from mistral4_jax.serve.chat import ChatSession, Tokenizer
 from mistral4_jax.serve.chat.grammar import chat_grammar, check_response_format
 from mistral4_jax.serve.chat.tools import check_tool_choice, check_tools
@@ -210,6 +211,13 @@ def test_random_model_required_calls_validate(model):
         assert len(r.tool_calls) == 1
     assert len({json.dumps(r.tool_calls) for r in results}) > SEEDS // 2  # the seeds really sample
     assert {r.tool_calls[0]["function"]["name"] for r in results} == set(SCHEMAS)
+    # on a mesh (vocabulary and heads over tensor, experts over expert): the masks meet sharded logits, same tokens
+    sharded = Mistral4(model.config, M.init_params(model.config, jax.random.PRNGKey(7)),
+                       mesh=make_mesh("data=1,expert=4,tensor=2"))
+    sharded.tokenizer = model.tokenizer
+    on_mesh = sharded.chat([USER] * SEEDS, tools=TOOLS, tool_choice="required", temperature=1.0, seed=0,
+                           max_new_tokens=64, parallel_tool_calls=False)
+    assert [r.token_ids for r in on_mesh] == [r.token_ids for r in results]
     # parallel calls (the default): each answer is calls until the end token, or cut off by the budget
     parallel = model.chat([USER] * SEEDS, tools=TOOLS, temperature=1.0, seed=100, max_new_tokens=64,
                           tool_choice={"type": "function", "function": {"name": "book-table"}})
