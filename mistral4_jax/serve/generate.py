@@ -353,11 +353,12 @@ class Generator:
         ended = np.zeros(len(requests), bool)  # rows ended on the host (their grammar)
         constrained = masks is not None and masks.active
         emitted, chunk = 0, 1 if constrained else chunk or n
+        decode, settled = None, 0
         while True:
             step = int(to_host(state.step))
             new = to_host(state.tokens)[:, emitted:step]
             done = np.array(to_host(state.done))
-            fresh_rows = []
+            fresh_rows, newly = [], np.zeros(len(requests), bool)
             for i, r in enumerate(requests):
                 fresh = []
                 for j, t in enumerate(new[i].tolist()):
@@ -370,13 +371,16 @@ class Generator:
                 if constrained and masks.matchers[i] is not None:
                     masks.feed(i, fresh)
                     if not (closed[i] or done[i] or masks.live(i)):
-                        ended[i] = closed[i] = done[i] = True
-            if ended.any():
-                state = state.replace(done=state.done | jax.device_put(ended, state.done.sharding))
+                        newly[i] = ended[i] = closed[i] = done[i] = True
+            if newly.any():
+                state = state.replace(done=state.done | jax.device_put(newly, state.done.sharding))
+                settled = 0
             finished = bool(done.all()) or step >= n
             extra = () if not constrained else (masks.fill(),)
-            if not finished:  # compile (and announce) before showing tokens
+            if not finished and settled < 2:  # compile (and announce) before showing tokens; the state's signature
+                # settles once decode's output is its input, so one step at a time does not re-check it every step
                 decode = self._decode.executable(self.model.params, state, np.int32(0), *settings, *extra)
+                settled += 1
             yield fresh_rows
             emitted = step
             if finished:
