@@ -356,7 +356,7 @@ class Mistral4:
                      stop_token_ids: Sequence[int] | None = None, **kwargs: Any) -> ChatSession:
         """A multi-turn conversation that keeps its KV cache between turns: `session.send("...")` returns a
         `ChatResult` and prefills only the new turn (see `chat.ChatSession`; kwargs: `prefill_chunk`,
-        `min_cache`)."""
+        `min_cache`, and `tools`, `tool_choice`, `parallel_tool_calls`, `response_format` for every turn)."""
         return ChatSession(self, system, reasoning_effort, max_new_tokens, temperature, top_k, top_p, min_p, seed,
                            stop_token_ids, **kwargs)
 

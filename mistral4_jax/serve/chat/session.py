@@ -134,7 +134,7 @@ class ChatSession:
         self._features = {}
 
     def send(self, message: str | dict[str, Any] | list[dict[str, Any]]) -> ChatResult:
-        """Answer one user message (and add it and the answer to `messages`)."""
+        """Answer one user message, or tool results (and add them and the answer to `messages`)."""
         stream = self.stream(message)
         for _ in stream:
             pass
