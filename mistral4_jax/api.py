@@ -256,6 +256,24 @@ class Mistral4:
             return out if last is None else out[:, t - last:]
         return self.generator.chunked_logits(ids, mask, last, self._batch_image_features(ids, images))
 
+    def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, int]:
+        """(mean next-token cross-entropy over the labels that are not -100, the number of those tokens), as
+        transformers' `Mistral4ForCausalLM(labels=...)` computes it (labels shifted inside; see
+        `model.causal_lm_loss`, the jittable, differentiable function beside `forward` for training code).
+        input_ids, labels [B, T] (or [T]); attention_mask 1 = token, 0 = padding (right padding for training)."""
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        lab = np.asarray(labels)
+        lab = lab[None] if lab.ndim == 1 else lab
+        if lab.shape != ids.shape or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be integers shaped like input_ids {list(ids.shape)}, got {lab.dtype}{list(lab.shape)}")
+        if ((lab != M.IGNORE_INDEX) & ((lab < 0) | (lab >= self.config.vocab_size))).any():
+            raise ValueError(f"labels must lie in [0, {self.config.vocab_size}) or be {M.IGNORE_INDEX} (not learned)")
+        if getattr(self, "_loss", None) is None:
+            self._loss = jax.jit(lambda p, i, l, m: M.causal_lm_loss(p, self.config, i, l, m, dtype=self.compute_dtype,
+                                                                     mesh=self.mesh, rules=self.rules))
+        value, tokens = self._loss(self.params, ids, lab.astype(np.int32), mask)
+        return float(to_host(value)), int(to_host(tokens))
+
     @property
     def generator(self):
         """The compiled prefill/decode functions (built on first use, reused by every call)."""
