@@ -5,8 +5,8 @@ llguidance tokenizer it is written for (`chat.grammar` builds them from chat req
 `GrammarFactory`). `Masks` holds one llguidance `LLMatcher` per constrained row of a batch: before each decode step
 it fills the rows' allowed-token bitmasks (packed, 32 tokens per int32 word, bit i of word w = token 32w + i;
 unconstrained rows allow everything), and after the step it feeds each row the token it got. A row whose grammar
-is complete can only draw the end token; a row whose matcher fails (it cannot, as long as every drawn token was
-allowed) ends with an error instead of raising in the middle of a batch.
+is complete (`Masks.complete`) ends there; a row whose matcher fails (it cannot, as long as every drawn token was
+allowed) ends with an error (`Masks.errors`) instead of raising in the middle of a batch.
 
 `apply(logits, allowed)` is the device side: logits of disallowed tokens go to -inf before sampling, so greedy
 rows take the best allowed token and sampling rows draw among allowed tokens with their own filters.
