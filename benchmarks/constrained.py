@@ -34,6 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as C  # noqa: E402
+from decode import time_ours as time_stream  # noqa: E402  (prefill s, decode s, Generations)
 
 BATCHES = (1, 8)
 
@@ -46,18 +47,6 @@ SCHEMA = {"type": "object", "properties": {"items": {
 """The answer's schema: strings, bounded integers, keys and nesting; at least 64 objects, each several tokens,
 so the grammar cannot complete (and end a row) within the token budget."""
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "scores", "schema": SCHEMA}}
-
-
-def time_stream(model, requests) -> tuple[float, float, list]:
-    """(prefill seconds, decode seconds, `Generation`s) of one `model.generator.stream` call without stop tokens:
-    the first chunk arrives after prefill (and the decode loop's compilation), the rest is decoding."""
-    t0 = time.perf_counter()
-    it = model.generator.stream(requests, [])
-    next(it)
-    t1 = time.perf_counter()
-    for _ in it:
-        pass
-    return t1 - t0, time.perf_counter() - t1, it.result
 
 
 def host_mask_times(grammar, tokens, vocab_size: int) -> tuple[float, float]:
@@ -93,7 +82,7 @@ def main() -> None:
         from mistral4_jax import model as M
         from mistral4_jax.cli.demo import write_synthetic_tekken
         from mistral4_jax.serve.chat import Tokenizer
-        from mistral4_jax.serve.chat.grammar import chat_grammar, check_response_format
+        from mistral4_jax.serve.chat.grammar import chat_grammar
         from mistral4_jax.serve.generate import Request
 
         tmp = tempfile.TemporaryDirectory()  # kept to the end: the tokenizer may read its file lazily
@@ -104,7 +93,7 @@ def main() -> None:
         model.tokenizer = tok
         C.log(f"{args.config} config, vocab {vocab}: building the grammar")
         t0 = time.perf_counter()
-        grammar = chat_grammar(tok, None, "auto", check_response_format(RESPONSE_FORMAT), reasoning=False)
+        grammar = chat_grammar(tok, None, "auto", RESPONSE_FORMAT, "none")
         grammar_s = time.perf_counter() - t0
         words = " ".join(["scores"] * max(1, args.prompt_words - 4))
         prompt = tok.encode_chat([{"role": "user", "content": f"List the {words} please."}])

@@ -19,7 +19,6 @@ from .model.vision_packing import num_image_tokens
 from .serve.chat import has_image_parts
 from .serve.chat.grammar import chat_grammar, check_response_format
 from .serve.chat.session import ChatSession, chat_result
-from .serve.chat.tools import check_tool_choice, check_tools
 from .serve.generate import PREFILL_CHUNK, Generator, Request, bucket
 from .serve.image import ImageProcessor, describe
 from .serve.sampling import SamplingParams
@@ -359,14 +358,13 @@ class Mistral4:
             raise ValueError("messages must be a conversation (list of dicts) or a non-empty list of conversations")
         encoded = [self.encode_chat(conv, reasoning_effort=reasoning_effort, tools=tools, tool_choice=tool_choice)
                    for conv in conversations]
-        tools, fmt = check_tools(tools), check_response_format(response_format)
-        grammar = chat_grammar(tok, tools, check_tool_choice(tool_choice, tools), fmt, tok.reasons(reasoning_effort),
-                               parallel_tool_calls)
+        grammar = chat_grammar(tok, tools, tool_choice, response_format, reasoning_effort, parallel_tool_calls)
         prompts, images = [e[0] for e in encoded], [e[1] for e in encoded]
         stops = (tok.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
         gens = self.generate(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stops,
                              images=images if any(images) else None, grammars=[grammar] * len(prompts))
-        results = [chat_result(tok, g, json_answer=fmt is not None) for g in gens]
+        json_answer = check_response_format(response_format) is not None
+        results = [chat_result(tok, g, json_answer=json_answer) for g in gens]
         return results[0] if single else results
 
     def chat_session(self, system: str | None = None, reasoning_effort: str | None = None, max_new_tokens: int = 512,

@@ -24,8 +24,7 @@ from mistral4_jax.cli.demo import write_synthetic_tekken
 from mistral4_jax.serve import batch
 from mistral4_jax.sharding import make_mesh
 from mistral4_jax.serve.chat import ChatSession, Tokenizer
-from mistral4_jax.serve.chat.grammar import chat_grammar, check_response_format
-from mistral4_jax.serve.chat.tools import check_tool_choice, check_tools
+from mistral4_jax.serve.chat.grammar import chat_grammar
 from mistral4_jax.serve.chat.session import chat_result
 from mistral4_jax.serve.constrain import Masks
 from mistral4_jax.serve.generate import Generation
@@ -72,9 +71,7 @@ def reference(tekken_file) -> MistralTokenizer:
 
 
 def grammar(tok, tools=TOOLS, choice="required", response_format=None, reasoning=False, parallel=True):
-    tools = check_tools(tools)
-    return chat_grammar(tok, tools, check_tool_choice(choice, tools), check_response_format(response_format),
-                        reasoning, parallel)
+    return chat_grammar(tok, tools, choice, response_format, "high" if reasoning else "none", parallel)
 
 
 def accepts(g, ids) -> bool:

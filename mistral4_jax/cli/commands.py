@@ -301,7 +301,7 @@ def _stream_answer(model: Any, messages: list[dict[str, Any]], args: argparse.Na
     tok, kw = model.require_tokenizer(), args.tool_kwargs
     prompt, images = model.encode_chat(messages, reasoning_effort=args.reasoning_effort, tools=kw["tools"],
                                        tool_choice=kw["tool_choice"])  # images: --image files
-    grammar = chat_grammar(tok, kw["tools"], kw["tool_choice"], kw["response_format"], tok.reasons(args.reasoning_effort))
+    grammar = chat_grammar(tok, kw["tools"], kw["tool_choice"], kw["response_format"], args.reasoning_effort)
     request = Request(prompt, args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p),
                       args.seed, tuple(images), grammar)
     stream = model.generator.stream([request], [tok.eos_id], chunk=8)

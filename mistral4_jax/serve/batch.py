@@ -158,7 +158,7 @@ def serve(model: Any, parsed: list[Parsed], batch_size: int = 8) -> Iterator[dic
         try:
             prompt, images = model.encode_chat(p.messages, reasoning_effort=p.reasoning_effort, tools=p.tools,
                                                tool_choice=p.tool_choice)  # decodes images
-            grammar = chat_grammar(tok, p.tools, p.tool_choice, p.response_format, tok.reasons(p.reasoning_effort),
+            grammar = chat_grammar(tok, p.tools, p.tool_choice, p.response_format, p.reasoning_effort,
                                    p.parallel_tool_calls)
             if max(prompt) >= model.config.vocab_size:
                 raise ValueError(f"the tokenizer produced ids up to {max(prompt)}, outside the model's vocabulary")

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 import jsonschema
 
 from ..constrain import Grammar
+from .tools import check_tool_choice, check_tools
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """llguidance's JSON options (``x-guidance``): the separators of ``json.dumps``, no free whitespace."""
@@ -115,13 +116,15 @@ def _strict_schema(schema: Any) -> dict[str, Any]:
     return {**schema, "x-guidance": JSON_STYLE}
 
 
-def chat_grammar(tokenizer: Any, tools: list[dict[str, Any]] | None, tool_choice: Any,
-                 response_format: dict[str, Any] | None, reasoning: bool, parallel_tool_calls: bool = True) -> Grammar | None:
-    """The grammar of a checked request (tools as `tools.check_tools` returns them, tool_choice as
-    `tools.check_tool_choice`, response_format as `check_response_format`), or None when unconstrained.
-    reasoning: whether the answer may open with a ``[THINK]`` block; parallel_tool_calls: False allows one call. ValueError for a combination
+def chat_grammar(tokenizer: Any, tools: Any, tool_choice: Any, response_format: Any, reasoning_effort: str | None,
+                 parallel_tool_calls: bool = True) -> Grammar | None:
+    """The grammar of a request (tools, tool_choice, response_format as `Mistral4.chat` takes them; checked here,
+    ValueError naming the field), or None when unconstrained. reasoning_effort decides whether the answer may open
+    with a ``[THINK]`` block (`Tokenizer.reasons`); parallel_tool_calls: False allows one call. ValueError for a combination
     mistral-common refuses (a JSON response format with a required tool call) or a schema llguidance cannot
     compile."""
+    tools = check_tools(tools)
+    tool_choice, response_format = check_tool_choice(tool_choice, tools), check_response_format(response_format)
     if not needs_grammar(tools, tool_choice, response_format):
         return None
     f = factory(tokenizer)
@@ -138,7 +141,7 @@ def chat_grammar(tokenizer: Any, tools: list[dict[str, Any]] | None, tool_choice
         rf["json_schema"]["strict"] = True
         rf["type"] = "json_schema"
         kwargs["response_format"] = rf
-    think = "think?" if reasoning and f._get_optional_special_token_lark("[THINK]") else ""
+    think = "think?" if tokenizer.reasons(reasoning_effort) and f._get_optional_special_token_lark("[THINK]") else ""
     try:
         request = ChatCompletionRequest.from_openai([{"role": "user", "content": "-"}], tools=strict_tools, **kwargs)
         lark = f.get_grammar_for_chat_request(request, TEMPLATE.replace("THINK", think))

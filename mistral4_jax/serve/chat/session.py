@@ -32,7 +32,7 @@ from ..constrain import Masks
 from ..generate import Generation, Request, Stream, bucket, prefill_bar
 from ..sampling import SamplingParams
 from .grammar import chat_grammar, check_response_format
-from .tools import check_tool_choice, check_tools, parse_answer
+from .tools import check_tools, parse_answer
 
 if TYPE_CHECKING:
     from ...api import Mistral4
@@ -114,10 +114,9 @@ class ChatSession:
                                    tool_choice=tool_choice)  # validates
         self.reasoning_effort = reasoning_effort
         self.tools, self.tool_choice = check_tools(tools), tool_choice
-        self.json_answer = check_response_format(response_format) is not None
-        self.grammar = chat_grammar(self.tokenizer, self.tools, check_tool_choice(tool_choice, self.tools),
-                                    check_response_format(response_format), self.tokenizer.reasons(reasoning_effort),
+        self.grammar = chat_grammar(self.tokenizer, tools, tool_choice, response_format, reasoning_effort,
                                     parallel_tool_calls)
+        self.json_answer = check_response_format(response_format) is not None
         self.request = Request((), max_new_tokens, SamplingParams(temperature, top_k, top_p, min_p), seed)
         self.stop_token_ids = (self.tokenizer.eos_id,) if stop_token_ids is None else tuple(int(i) for i in stop_token_ids)
         self.prefill_chunk, self.min_cache = prefill_chunk, min_cache
