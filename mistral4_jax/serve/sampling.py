@@ -131,7 +131,8 @@ class SamplingParams:
 def row_keys(seeds: jax.Array | np.ndarray | Sequence[int], step: jax.Array | int) -> jax.Array:
     """One PRNG key per row: ``fold_in(key(seed_b), step)`` for each row b.
 
-    seeds: [B] integers in [0, 2**32) (uint32 or int); step: scalar int (may be traced).
+    seeds: [B] integers in [0, 2**32) (uint32 or int); step: scalar int, or [B] (each row's own step: rows of a
+    continuously batched engine are at different steps); may be traced.
     Returns a typed key array [B]. A row's keys depend only on its own seed and the step, so the same
     seed gives the same tokens whatever else is in the batch.
     """
@@ -139,8 +140,8 @@ def row_keys(seeds: jax.Array | np.ndarray | Sequence[int], step: jax.Array | in
     if seeds.ndim != 1:
         raise ValueError(f"seeds must be a 1-D array [B], got shape {seeds.shape}")
     seeds = seeds.astype(jnp.uint32)
-    step = jnp.asarray(step, jnp.uint32)
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.uint32), seeds.shape)
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, step)
 
 
 def _as_row_keys(key: jax.Array, batch: int) -> jax.Array:
