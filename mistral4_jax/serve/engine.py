@@ -28,9 +28,11 @@ every process makes the same decisions and runs the same programs.
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import itertools
+import json
 import queue
 import threading
 import time
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..distributed import to_host
-from .constrain import Masks, apply as apply_masks
+from .constrain import Grammar, Masks, apply as apply_masks
 from .generate import Generation, Request, bucket
 from .sampling import SamplingParams, row_keys, sample
 
@@ -61,7 +63,9 @@ class ShuttingDown(RuntimeError):
 @dataclasses.dataclass(eq=False)
 class Job:
     """One submitted request and what became of it. `on_tokens(ids)` gets each batch of new tokens (stop
-    tokens dropped) from the engine's thread; `result` is set (and `on_done(result)` called) once it ends."""
+    tokens dropped) from the engine's thread; `result` is set (and `on_done(result)` called) once it ends: a
+    `Generation` whose finish_reason is "stop", "length", "error" (its grammar refused a token, its images do
+    not fit its prompt), "cancelled" (`Engine.cancel`) or "timeout" (past its `deadline`)."""
 
     request: Request
     id: int
@@ -72,7 +76,8 @@ class Job:
     first_token: float | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     result: Generation | None = None
-    cancelled: bool = False
+    ended: str | None = None
+    """"cancelled" or "timeout" once the engine has been told (the request ends at the next step)."""
     masks: Masks | None = None
     _done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -93,6 +98,13 @@ class Stats:
     compactions: int = 0
     waiting: int = 0
     live_rows: int = 0
+    recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=4096))
+    """(time, tokens) of the latest decode calls."""
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Tokens generated per second over the last `window` seconds."""
+        since = time.monotonic() - window
+        return sum(n for t, n in self.recent if t >= since) / window
 
 
 @dataclasses.dataclass
@@ -248,9 +260,14 @@ class Engine:
 
     def cancel(self, job: Job) -> None:
         """End a request (a client that went away): its row is freed at the next step."""
-        self._inbox.put(("cancel", job))
+        self._inbox.put(("cancelled", job))
 
     # ------------------------------------------------------------------------------------------ loop
+    @property
+    def closing(self) -> bool:
+        """Shutting down: no new requests are taken."""
+        return self._closing
+
     @property
     def busy(self) -> bool:
         return bool(self.live.any() or self.waiting or self.filling)
@@ -265,21 +282,30 @@ class Engine:
                 events.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
+        now = time.monotonic()  # deadlines are decided here (process 0), so every process ends the same requests
+        events += [("timeout", j) for j in self._jobs() if j.deadline is not None and now > j.deadline and not j.ended]
         if self.sync is not None:
             events = self.sync(events)
         for kind, job in events:
             if kind == "job":
                 self.waiting.append(job)
-            elif kind == "cancel":
-                job.cancelled = True
+            elif kind in ("cancelled", "timeout"):
+                job.ended = job.ended or kind
             elif kind == "close":
                 self._closing = True
-        now = time.monotonic()
-        self._expire(now)
+        self._expire()
         self._admit()
         if self.live.any():
             self._decode()
         self.stats.waiting, self.stats.live_rows = len(self.waiting), int(self.live.sum())
+
+    def warmup(self) -> None:
+        """Compile the first prompt bucket's prefill, the insert and the decode step (every process alike)."""
+        sync, self.sync = self.sync, None
+        try:
+            self.run([Request([self.model.config.bos_token_id or 1], 2)])
+        finally:
+            self.sync = sync
 
     def run(self, requests: Sequence[Request]) -> list[Generation]:
         """Run requests to completion on this thread (no server): one `Generation` each, in order."""
@@ -316,7 +342,7 @@ class Engine:
     # --------------------------------------------------------------------------------------- internals
     def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
         job.result = Generation(job.tokens, reason, len(job.request.prompt), error)
-        self.stats.finished[reason if not job.cancelled else "cancelled"] += 1
+        self.stats.finished[reason] += 1
         if job.on_done is not None:
             job.on_done(job.result)
         job._done.set()
@@ -324,26 +350,23 @@ class Engine:
     def _free(self, row: int) -> None:
         self.job[row], self.masks[row], self.live[row] = None, None, False
 
-    def _expire(self, now: float) -> None:
+    def _expire(self) -> None:
         """End cancelled and timed-out requests, wherever they are."""
-        def gone(j: Job) -> bool:
-            return j.cancelled or (j.deadline is not None and now > j.deadline)
-
         def end(j: Job) -> None:
-            if j.cancelled:
+            if j.ended == "cancelled":
                 self._finish(j, "cancelled")
             else:
-                self._finish(j, "error", f"the request timed out after {j.deadline - j.submitted:.1f} s")
+                self._finish(j, "timeout", f"the request timed out after {j.deadline - j.submitted:.1f} s")
 
-        for j in [j for j in self.waiting if gone(j)]:
+        for j in [j for j in self.waiting if j.ended]:
             self.waiting.remove(j)
             end(j)
-        if self.filling is not None and gone(self.filling.job):
+        if self.filling is not None and self.filling.job.ended:
             end(self.filling.job)
             self.job[self.filling.row] = None
             self.filling = None
         for r, j in enumerate(self.job):
-            if j is not None and gone(j):
+            if j is not None and j.ended:
                 self._free(r)
                 end(j)
 
@@ -455,6 +478,7 @@ class Engine:
         self.stats.decode_steps += steps
         was_live = self.live.copy()
         self.tok, self.pos, self.count = tok.copy(), pos.copy(), count.copy()
+        self.stats.recent.append((time.monotonic(), int((tokens[:, :steps] >= 0).sum())))
         for r in np.nonzero(was_live)[0]:
             new = [int(t) for t in tokens[r, :steps] if t >= 0]
             self.used[r] += len(new)
@@ -488,3 +512,49 @@ class Engine:
         if reason is not None:
             self._free(row)
             self._finish(job, reason, error)
+
+
+# ----------------------------------------------------------------------------------------- multi-host
+class HostSync:
+    """`Engine.sync` for a multi-host system: process 0's events of a step, the same on every process
+    (`multihost_utils.broadcast_one_to_all`, one byte buffer). A request crosses as JSON (prompt, settings, seed,
+    the grammar's Lark text, images as float32 pixels); other processes rebuild it (the grammar with their own
+    tokenizer) as a job without callbacks: only process 0 answers clients."""
+
+    def __init__(self, model: Mistral4) -> None:
+        self.model = model
+        self.jobs: dict[int, Job] = {}  # on processes > 0: the jobs by process 0's id
+
+    def __call__(self, events: list) -> list:
+        from jax.experimental import multihost_utils
+
+        main = jax.process_index() == 0
+        payload = json.dumps([self._encode(kind, job) for kind, job in events]).encode() if main else b""
+        size = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+        buf = np.frombuffer(payload, np.uint8) if main else np.zeros(size, np.uint8)
+        data = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)))
+        return events if main else [self._decode(e) for e in json.loads(data.decode())]
+
+    @staticmethod
+    def _encode(kind: str, job: Job | None) -> dict[str, Any]:
+        if kind != "job":
+            return {"kind": kind, "id": None if job is None else job.id}
+        r = job.request
+        images = [np.asarray(getattr(x, "pixel_values", x), np.float32) for x in r.images]
+        return {"kind": kind, "id": job.id, "prompt": [int(t) for t in r.prompt], "max_new_tokens": r.max_new_tokens,
+                "sampling": dataclasses.asdict(r.sampling), "seed": int(r.seed),
+                "grammar": None if r.grammar is None else r.grammar.lark,
+                "images": [{"shape": list(x.shape), "data": base64.b64encode(x.tobytes()).decode()} for x in images]}
+
+    def _decode(self, e: dict[str, Any]) -> tuple[str, Job | None]:
+        if e["kind"] != "job":
+            return e["kind"], self.jobs.pop(e["id"], None) if e["kind"] != "close" else None
+        grammar = None
+        if e["grammar"] is not None:
+            from .chat.grammar import factory
+
+            grammar = Grammar(e["grammar"], factory(self.model.require_tokenizer()).llg_tokenizer)
+        images = tuple(np.frombuffer(base64.b64decode(x["data"]), np.float32).reshape(x["shape"]) for x in e["images"])
+        request = Request(e["prompt"], e["max_new_tokens"], SamplingParams(**e["sampling"]), e["seed"], images, grammar)
+        job = self.jobs[e["id"]] = Job(request, e["id"])
+        return "job", job
