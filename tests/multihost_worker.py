@@ -40,3 +40,24 @@ tokens = [g.tokens for g in model.generate(prompts, max_new_tokens=6, stop_token
 if is_main_process():
     with open(out, "w") as f:
         json.dump({"logits": logits.tolist(), "tokens": tokens, "local_experts": local_experts}, f)
+
+# the serving engine on the pod: process 0 takes the requests (from its own thread, as the HTTP server does), every
+# process runs the same steps (HostSync); more requests than rows, so one waits for a freed row
+from mistral4_jax.serve.engine import Engine, HostSync  # noqa: E402
+from mistral4_jax.serve.generate import Request  # noqa: E402
+
+engine = Engine(model, rows=2, max_context=32, steps_per_call=4, stop_token_ids=[model.config.vocab_size - 1],
+                sync=HostSync(model))
+if is_main_process():
+    engine.start()
+    jobs = [engine.submit(Request(p, 6)) for p in prompts]
+    served = [j.wait(120).tokens for j in jobs]
+    engine.shutdown(timeout=60)
+    with open(out) as f:
+        record = json.load(f)
+    record["served"] = served
+    with open(out, "w") as f:
+        json.dump(record, f)
+else:
+    engine.serve_forever()  # until process 0 shuts down
+    assert not engine.busy and not engine.sync.jobs, "a follower kept a request process 0 had ended"

@@ -304,3 +304,43 @@ def test_chat_deltas_split_reasoning_content_and_calls(model):
     cut = StopStrings(["END"])
     shown = cut.feed("abcE") + cut.feed("NDxyz") + cut.feed("more", final=True)
     assert shown == "abc" and cut.hit
+
+
+def test_cli_serve_drains_on_sigterm(tmp_path):
+    """`mistral4-jax serve` as users start it (a subprocess, the demo checkpoint): it announces the compile and its
+    URL, serves, and on SIGTERM stops taking requests but lets the one in flight finish, then exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mistral4_jax.cli import demo
+
+    demo.write_hf_checkpoint(str(tmp_path / "ckpt"), with_vision=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mistral4_jax.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"),
+                             "--port", str(port), "--max-batch", "2", "--max-context", "96", "--steps-per-call", "2",
+                             "--shutdown-timeout", "60"], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        lines = []
+        for line in proc.stderr:  # the server prints its URL once it listens (after the warm-up compile)
+            lines.append(line)
+            if f"http://127.0.0.1:{port}/v1" in line:
+                break
+        assert any("compiling" in x for x in lines), lines
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["ckpt"]
+        stream = client.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=48, temperature=0, stream=True)
+        chunks = [next(stream), next(stream)]  # the role, then the first tokens: the request is in flight
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+        assert proc.wait(timeout=90) == 0, proc.stderr.read()[-2000:]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

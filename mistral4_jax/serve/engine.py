@@ -18,8 +18,9 @@ steps.
 
 A step (`step`): take new requests and cancellations, end what was cancelled or timed out (its row is free at
 once), admit waiting requests into free rows (prefill; at most `prefill_budget` prompt tokens per step while
-other rows decode), then run up to `steps_per_call` decode steps on device (one while a row is constrained: its
-grammar's masks come from the host, as in `Generator.follow`), and hand each request its new tokens.
+other rows decode), then run up to `steps_per_call` decode steps on device (fewer when a row ends while a request
+waits for a row; one while a row is constrained: its grammar's masks come from the host, as in
+`Generator.follow`), and hand each request its new tokens.
 
 Multi-host (`sync`): every process runs the same engine on the same steps. Process 0 takes the requests; before
 each step it broadcasts what is new (requests, cancellations, shutdown) to all processes (`broadcast_events`), so
@@ -166,23 +167,25 @@ class Engine:
         self.filling: _Filling | None = None  # a long prompt's prefill, chunk by chunk
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
-        self._closing = False
+        self._closing = False  # shutdown() was called: submit refuses
+        self._closed = False  # the close event went through a step (on every process alike): the loop may end
         self._thread: threading.Thread | None = None
         self._step_fn = jax.jit(self._step_impl, donate_argnames=("cache",))
         self._insert_fn = jax.jit(self._insert_impl, donate_argnames=("cache",))
         self._compact_fn = jax.jit(self._compact_impl, donate_argnames=("cache",))
 
     # ------------------------------------------------------------------------------------ jitted
-    def _step_impl(self, params, cache, tok, pos, count, live, index, limit, sampling, seeds, max_new, stops,
+    def _step_impl(self, params, cache, tok, pos, count, live, index, limit, refill, sampling, seeds, max_new, stops,
                    allowed=None):
-        """Up to `limit` decode steps (fewer once no row is live) from slot `index`: each live row feeds its last
-        token tok [B] at position pos [B] and draws its token number count [B] (its key: `row_keys(seed, count)`,
-        as offline). -> (cache, tokens [B, steps_per_call] (-1 where a row drew nothing), tok, pos, count, live,
-        steps taken)."""
+        """Up to `limit` decode steps (fewer once no row is live, or, with `refill`, once a row has ended: a request
+        waits for it) from slot `index`: each live row feeds its last token tok [B] at position pos [B] and draws
+        its token number count [B] (its key: `row_keys(seed, count)`, as offline). -> (cache, tokens
+        [B, steps_per_call] (-1 where a row drew nothing), tok, pos, count, live, steps taken)."""
         b, k = tok.shape[0], self.steps_per_call
+        started = live
 
         def cond(c):
-            return (c[-1] < limit) & jnp.any(c[4])
+            return (c[-1] < limit) & jnp.any(c[4]) & ~(refill & jnp.any(started & ~c[4]))
 
         def body(c):
             cache, tok, pos, count, live, out, s = c
@@ -289,10 +292,10 @@ class Engine:
         for kind, job in events:
             if kind == "job":
                 self.waiting.append(job)
-            elif kind in ("cancelled", "timeout"):
+            elif kind in ("cancelled", "timeout") and job is not None:  # None: it ended already (other processes)
                 job.ended = job.ended or kind
             elif kind == "close":
-                self._closing = True
+                self._closing = self._closed = True
         self._expire()
         self._admit()
         if self.live.any():
@@ -321,7 +324,7 @@ class Engine:
 
     def serve_forever(self) -> None:
         """Steps until shut down and nothing is left to do."""
-        while not (self._closing and not self.busy):
+        while not (self._closed and not self.busy):
             self.step(wait=0.05)
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -469,7 +472,8 @@ class Engine:
                 if m is not None and self.live[r] and m.live(0):
                     allowed[r] = m.fill()[0]
         out = self._step_fn(self.model.params, self.cache, self.tok, self.pos, self.count, self.live,
-                            np.int32(self.index), np.int32(limit), self.sampling, self.seeds, self.max_new, self.stops,
+                            np.int32(self.index), np.int32(limit), np.bool_(bool(self.waiting)), self.sampling,
+                            self.seeds, self.max_new, self.stops,
                             allowed)
         self.cache = out[0]
         tokens, tok, pos, count, _, steps = (to_host(x) for x in out[1:])
@@ -556,5 +560,5 @@ class HostSync:
             grammar = Grammar(e["grammar"], factory(self.model.require_tokenizer()).llg_tokenizer)
         images = tuple(np.frombuffer(base64.b64decode(x["data"]), np.float32).reshape(x["shape"]) for x in e["images"])
         request = Request(e["prompt"], e["max_new_tokens"], SamplingParams(**e["sampling"]), e["seed"], images, grammar)
-        job = self.jobs[e["id"]] = Job(request, e["id"])
+        job = self.jobs[e["id"]] = Job(request, e["id"], on_done=lambda _, i=e["id"]: self.jobs.pop(i, None))
         return "job", job

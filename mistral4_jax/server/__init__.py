@@ -4,8 +4,10 @@ the engine's steps)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -39,7 +41,23 @@ def serve(model: Any, model_name: str, host: str = "127.0.0.1", port: int = 8000
                      warmup=False)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     print(f"mistral4-jax serve: {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run()
+    _server_class()(config).run()
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but after a signal-triggered drain `run` returns (exit status 0) instead of raising the
+        signal again: the requests in flight were answered, so the shutdown succeeded."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+    return Server
 
 
 __all__ = ["create_app", "serve"]
