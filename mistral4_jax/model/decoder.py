@@ -47,6 +47,7 @@ def forward(
     rules: ShardingRules = DEFAULT_RULES,
     attn_block: int = ATTN_BLOCK,
     attn_backend: str = "auto",
+    remat: bool = False,
 ) -> tuple[Array, Array | None, Cache | None]:
     """The decoder: embed, layer groups, final norm, lm_head.
 
@@ -70,6 +71,8 @@ def forward(
     `attn_block`: keys per attention block (`layers.mla`): attention temporaries grow with T x attn_block,
     not with T x S (no [B, T, S] mask is built either). `attn_backend`: the prefill attention's kernel
     (`splash.resolve_attn_backend`: "auto" = the fused "splash" kernel on TPU, else "xla", the blockwise one).
+    `remat` (training, no cache): each layer's activations are recomputed in the backward pass
+    (`jax.checkpoint` per layer), so only the layer inputs stay alive between the passes.
     Returns (logits [B, T or 1, X] float32, expert ids [moe layers, B, T, K] or None, updated cache).
     """
     if attn_block < 1:
@@ -94,9 +97,11 @@ def forward(
         group_cache = None if cache is None else cache.groups[name]
 
         def layer(p, h, gc, i, expert_layer=None):  # -> (h, expert ids, gc with layer i's new tokens written)
-            h, (ids, new) = decoder_layer(p, h, cos, sin, qscale, key_valid, cfg, dtype, mesh, moe_backend,
-                                          None if gc is None or not decode else jax.tree.map(lambda x: x[i], gc),
-                                          old_valid, index, decode, rules, attn_block, expert_layer, attn_backend)
+            def run(p, h, expert_layer):
+                return decoder_layer(p, h, cos, sin, qscale, key_valid, cfg, dtype, mesh, moe_backend,
+                                     None if gc is None or not decode else jax.tree.map(lambda x: x[i], gc),
+                                     old_valid, index, decode, rules, attn_block, expert_layer, attn_backend)
+            h, (ids, new) = (jax.checkpoint(run) if remat and gc is None else run)(p, h, expert_layer)
             return h, ids, None if gc is None else write_tokens(gc, new, i, index, mesh, rules)
 
         stacked_experts = {} if not moe or isinstance(params[name], list) else {

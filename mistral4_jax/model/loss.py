@@ -40,13 +40,14 @@ def cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
 
 def causal_lm_loss(params: dict[str, Any], cfg: Mistral4Config, input_ids: Array, labels: Array,
                    attention_mask: Array | None = None, *, dtype: Any = jnp.float32, mesh: Any = None,
-                   rules: ShardingRules = DEFAULT_RULES) -> tuple[Array, Array]:
+                   rules: ShardingRules = DEFAULT_RULES, remat: bool = False) -> tuple[Array, Array]:
     """(loss, counted tokens) of input_ids, labels [B, T] (int; `IGNORE_INDEX` where nothing is learned) and
     attention_mask [B, T] (1 = token, 0 = padding; None = all tokens). Positions count the real tokens before
-    each one, so right padding (the usual for training) gives the positions transformers uses."""
+    each one, so right padding (the usual for training) gives the positions transformers uses. `remat`: recompute
+    each layer's activations in the backward pass (`forward`'s). Weights may be `weights.lora.LoraWeight`s."""
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
     logits, _, _ = forward(params, cfg, input_ids, positions, attention_mask.astype(bool), dtype=dtype, mesh=mesh,
-                           moe_backend="ragged", rules=rules)
+                           moe_backend="ragged", rules=rules, remat=remat)
     return cross_entropy(logits, labels)

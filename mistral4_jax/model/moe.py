@@ -15,6 +15,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from ..config import Mistral4Config
 from ..sharding import DEFAULT_RULES, ShardingRules, mesh_platform
+from ..weights.lora import LoraWeight
 from ..weights.quant import QuantArray, dequantize, qeinsum
 
 Array = jax.Array
@@ -320,7 +321,10 @@ def sharded_routed_experts(mesh: Mesh, x: jax.Array, ids: jax.Array, weights: ja
 
 
 def _expert_spec(w: Weight, spec: P) -> Any:
-    """shard_map spec of a stacked expert weight: `spec`; a `QuantArray`'s [(Lg,) E, 1, 1] scale split over experts only."""
+    """shard_map spec of a stacked expert weight: `spec`; a `QuantArray`'s [(Lg,) E, 1, 1] scale split over experts
+    only; a `LoraWeight`'s factors a [(Lg,) E, in, r] and b [(Lg,) E, r, out] as the base on the dimensions they keep."""
+    if isinstance(w, LoraWeight):
+        return LoraWeight(_expert_spec(w.base, spec), P(*spec[:-1], None), P(*spec[:-2], None, spec[-1]), w.scale)
     return QuantArray(spec, P(*spec[:-2], None, None)) if isinstance(w, QuantArray) else spec
 
 

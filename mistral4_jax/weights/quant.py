@@ -64,7 +64,12 @@ def is_quant(x: Any) -> bool:
 
 
 def dequantize(w: Array | QuantArray, dtype: Any) -> Array:
-    """w in `dtype`: a plain array cast, a `QuantArray` float(values) * scale computed in `dtype`."""
+    """w in `dtype`: a plain array cast, a `QuantArray` float(values) * scale computed in `dtype`, a
+    `lora.LoraWeight` its base plus its low-rank update."""
+    from .lora import LoraWeight
+
+    if isinstance(w, LoraWeight):
+        return dequantize(w.base, dtype) + w.delta(dtype)
     if isinstance(w, QuantArray):
         return w.values.astype(dtype) * w.scale.astype(dtype)
     return w.astype(dtype)

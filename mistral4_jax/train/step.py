@@ -1,0 +1,214 @@
+"""What is trained and one optimizer step: LoRA adapters and/or whole parameter groups, the rest frozen; optax
+AdamW with warmup + cosine decay and gradient clipping; gradient accumulation over micro-batches; remat per layer.
+
+    spec = TrainSpec(lora_rank=16, lora_targets=("attn",))
+    trainable = init_trainable(params, spec, seed=0)          # {path: {"a", "b"}} and/or {path: array}
+    opt = optimizer(spec)
+    state = TrainState(jnp.int32(0), trainable, opt.init(trainable))
+    step = make_train_step(cfg, params, spec, opt, mesh)       # jitted: (state, batch) -> (state, metrics)
+
+Parameters are the stacked tree (`model.params` with `layer_loop="scan"`), named by path
+("layers_moe.attn.q_a_proj"). A batch is {"input_ids", "labels", "attention_mask"} [A, B, T] (A micro-batches);
+the step's loss is the mean over all counted tokens of the A micro-batches, as one batch of A x B rows would give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..config import Mistral4Config
+from ..model.loss import causal_lm_loss
+from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec, path_name
+from ..weights.lora import CORE_NDIM, LoraWeight, factor_specs, init_factors
+from ..weights.quant import is_quant
+
+Array = jax.Array
+
+LORA_ALIASES = {
+    "attn": ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj", "k_b_proj", "v_b_proj", "o_proj"),
+    "experts": ("experts_gate", "experts_up", "experts_down"),
+    "shared_expert": ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"),
+    "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
+"""Names a LoRA target may use besides a weight's own name: groups of weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """What is trained and how. lora_targets: weight names or `LORA_ALIASES` ("attn", "experts",
+    "shared_expert", "mlp"), each getting a rank-`lora_rank` adapter (0 = no LoRA); train_params: glob
+    patterns over parameter paths or path components ("*norm*", "router", "lm_head") trained in full.
+    Schedule: linear warmup over `warmup_steps` to `lr`, cosine decay to `lr * end_lr_ratio` at `steps`."""
+
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ("attn",)
+    train_params: tuple[str, ...] = ()
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    steps: int = 100
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    remat: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainSpec:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@struct.dataclass
+class TrainState:
+    step: Array
+    trainable: Any
+    opt_state: Any
+
+
+def key(keys: tuple) -> str:
+    """"layers_moe.attn.q_a_proj": a parameter's name in the trained tree (dots: Orbax keeps them as one key)."""
+    return path_name(keys).replace("/", ".")
+
+
+def _leaves(params: Any) -> dict[str, Any]:
+    """{name: leaf} of the parameter tree (a `QuantArray` is one leaf)."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quant)[0]
+    return {key(k): v for k, v in flat}
+
+
+def lora_paths(params: Any, targets: tuple[str, ...]) -> list[str]:
+    """Paths of the weights `targets` name; ValueError for a target that names none."""
+    names = _leaves(params)
+    out: list[str] = []
+    for target in targets:
+        wanted = LORA_ALIASES.get(target, (target,))
+        hits = [p for p in names if p.rsplit(".", 1)[-1] in CORE_NDIM and any(p.endswith("." + w) for w in wanted)]
+        if not hits:
+            known = sorted({p.rsplit(".", 1)[-1] for p in names if p.rsplit(".", 1)[-1] in CORE_NDIM} | set(LORA_ALIASES))
+            raise ValueError(f"LoRA target {target!r} matches no weight of this model (known: {', '.join(known)})")
+        out += [p for p in hits if p not in out]
+    return out
+
+
+def full_paths(params: Any, patterns: tuple[str, ...]) -> list[str]:
+    """Paths matching the glob `patterns` (against the path or any of its components); ValueError for a pattern
+    that matches nothing or a quantised weight (train those as LoRA)."""
+    names = _leaves(params)
+    out: list[str] = []
+    for pattern in patterns:
+        hits = [p for p in names if fnmatch.fnmatch(p, pattern) or any(fnmatch.fnmatch(c, pattern) for c in p.split("."))]
+        if not hits:
+            raise ValueError(f"train_params pattern {pattern!r} matches no parameter (e.g. {', '.join(list(names)[:6])})")
+        quant = [p for p in hits if is_quant(names[p])]
+        if quant:
+            raise ValueError(f"train_params pattern {pattern!r} matches FP8 weight {quant[0]}: fine-tune it with LoRA")
+        out += [p for p in hits if p not in out]
+    return out
+
+
+def init_trainable(params: Any, spec: TrainSpec, seed: int = 0) -> dict[str, Any]:
+    """The trained arrays: {path: {"a", "b"}} per LoRA target (float32, placed like the base weight on the
+    dimensions they keep) and {path: float32 copy} per fully trained parameter."""
+    names = _leaves(params)
+    full = full_paths(params, spec.train_params)
+    lora = [p for p in lora_paths(params, spec.lora_targets) if p not in full] if spec.lora_rank > 0 else []
+    if not lora and not full:
+        raise ValueError("nothing to train: give LoRA targets with a rank > 0, or train_params")
+    out: dict[str, Any] = {}
+    keys = jax.random.split(jax.random.key(seed), max(len(lora), 1))
+    for key, path in zip(keys, lora):
+        w = names[path]
+        a, b = init_factors(key, path.rsplit(".", 1)[-1], tuple(w.shape), spec.lora_rank)
+        out[path] = dict(zip("ab", _place_factors(path, w, a, b)))
+    for path in full:
+        out[path] = names[path].astype(jnp.float32)
+    return out
+
+
+def _place_factors(path: str, w: Any, a: Array, b: Array) -> tuple[Array, Array]:
+    sharding = getattr(w.values if is_quant(w) else w, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return a, b
+    spec = tuple(sharding.spec) + (None,) * (len(w.shape) - len(sharding.spec))
+    sa, sb = factor_specs(path.rsplit(".", 1)[-1], spec)
+    return (jax.device_put(a, NamedSharding(sharding.mesh, P(*sa))), jax.device_put(b, NamedSharding(sharding.mesh, P(*sb))))
+
+
+def combine(params: Any, trainable: dict[str, Any], spec: TrainSpec) -> Any:
+    """The parameter tree the model reads: LoRA targets as `LoraWeight`s, fully trained leaves replaced (cast to
+    the stored dtype), the rest as stored."""
+    scale = spec.lora_alpha / max(spec.lora_rank, 1)
+
+    def pick(keys: tuple, w: Any) -> Any:
+        t = trainable.get(key(keys))
+        if t is None:
+            return w
+        if isinstance(t, dict):
+            return LoraWeight(w, t["a"], t["b"], scale)
+        return t.astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_quant)
+
+
+def optimizer(spec: TrainSpec) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW on the warmup-cosine schedule."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup_steps, 0), max(spec.steps, 1),
+                                                  end_value=spec.lr * spec.end_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(spec.clip_norm),
+                       optax.adamw(schedule, b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay))
+
+
+def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: optax.GradientTransformation,
+                    mesh: Any = None, dtype: Any = jnp.float32,
+                    rules: ShardingRules = DEFAULT_RULES) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    """The jitted step (state donated): gradients of the mean loss over every counted token of the batch's
+    micro-batches (accumulated under `lax.scan`), then one optimizer update. Metrics: loss, tokens, grad_norm.
+    On a mesh the rows of each micro-batch are split over the rules' "batch" axis (data parallel)."""
+
+    def loss_sum(trainable: Any, params: Any, ids: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
+        if mesh is not None:
+            place = NamedSharding(mesh, batch_spec(mesh, ids.shape[0], 2, rules))
+            ids, labels, mask = (jax.lax.with_sharding_constraint(x, place) for x in (ids, labels, mask))
+        loss, tokens = causal_lm_loss(combine(params, trainable, spec), cfg, ids, labels, mask, dtype=dtype,
+                                      mesh=mesh, rules=rules, remat=spec.remat)
+        return loss * tokens, tokens
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(params: Any, state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+        def micro(carry, mb):
+            total, tokens, grads = carry
+            (s, n), g = grad_fn(state.trainable, params, mb["input_ids"], mb["labels"], mb["attention_mask"])
+            return (total + s, tokens + n, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        (total, tokens, grads), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.int32(0), zeros), batch)
+        denom = jnp.maximum(tokens, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": total / denom, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    jitted = jax.jit(step, donate_argnums=(1,))
+    return lambda state, batch: jitted(params, state, batch)
+
+
+def merged_params(params: Any, trainable: dict[str, Any], spec: TrainSpec) -> Any:
+    """The parameters with the adapters folded in and the trained leaves in place (for inference and export)."""
+    from ..weights.lora import is_lora, merge
+
+    return jax.tree_util.tree_map(merge, combine(params, trainable, spec), is_leaf=lambda x: is_lora(x) or is_quant(x))
