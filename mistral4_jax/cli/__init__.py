@@ -7,6 +7,8 @@
     mistral4-jax generate --checkpoint DIR --input requests.jsonl --output results.jsonl
     mistral4-jax chat --checkpoint DIR
     mistral4-jax serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-context N]
+    mistral4-jax finetune --checkpoint DIR --data train.jsonl --out RUN [--lora-rank 16] [--steps N] [--resume]
+    mistral4-jax export RUN_OR_CKPT DST --format hf [--merge-lora]
     mistral4-jax demo
 
 To add a subcommand, write `_add_<name>(subparsers)` that makes its parser with `_subcommand` (which adds
@@ -97,9 +99,9 @@ def _stacked(arrays: list[tuple[str, tuple[int, ...], str]]) -> list[tuple[str, 
 def _add_running(sub: argparse._SubParsersAction) -> None:
     from . import commands
 
-    from . import demo, serve
+    from . import demo, serve, train
 
-    for add in (commands.add_plan, commands.add_generate, commands.add_chat, serve.add_serve, demo.add_demo):
+    for add in (commands.add_plan, commands.add_generate, commands.add_chat, serve.add_serve, train.add_finetune, train.add_export, demo.add_demo):
         add(sub, _subcommand)
 
 

@@ -88,10 +88,11 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
 def _check_resume(out: str, identity: dict[str, Any]) -> None:
     with open(os.path.join(out, RUN_FILE)) as f:
         saved = json.load(f)
-    for k in sorted(set(saved) | set(identity)):
-        if saved.get(k) != identity.get(k):
+    then, now = dict(saved, **saved.get("spec", {})), dict(identity, **identity.get("spec", {}))
+    for k in sorted(set(then) | set(now) - {"spec"}):
+        if then.get(k) != now.get(k):
             raise ValueError(f"{os.path.join(out, RUN_FILE)}: --resume with a different {k} "
-                             f"({saved.get(k)!r} then, {identity.get(k)!r} now); start a new run directory instead")
+                             f"({then.get(k)!r} then, {now.get(k)!r} now); start a new run directory instead")
 
 
 def load_base(cfg: RunConfig) -> Any:

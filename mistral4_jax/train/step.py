@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..config import Mistral4Config
 from ..model.loss import causal_lm_loss
-from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec, path_name
+from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec, mesh_platform, path_name
 from ..weights.lora import CORE_NDIM, LoraWeight, factor_specs, init_factors
 from ..weights.quant import is_quant
 
@@ -176,7 +176,13 @@ def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: opta
                     rules: ShardingRules = DEFAULT_RULES) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
     """The jitted step (state donated): gradients of the mean loss over every counted token of the batch's
     micro-batches (accumulated under `lax.scan`), then one optimizer update. Metrics: loss, tokens, grad_norm.
-    On a mesh the rows of each micro-batch are split over the rules' "batch" axis (data parallel)."""
+    On a mesh the rows of each micro-batch are split over the rules' "batch" axis (data parallel; not on a CPU
+    mesh, see below)."""
+
+    if mesh is not None and mesh_platform(mesh) == "cpu" and rules.get("batch"):
+        # XLA:CPU deadlocks in the backward pass when the experts' shard_map splits tokens over "data" (its
+        # collectives are not ordered alike on every simulated device); on CPU the batch stays replicated
+        rules = rules.replace(batch=None)
 
     def loss_sum(trainable: Any, params: Any, ids: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
         if mesh is not None:
@@ -200,7 +206,7 @@ def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: opta
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": total / denom, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total / denom, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     jitted = jax.jit(step, donate_argnums=(1,))
