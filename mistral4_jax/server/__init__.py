@@ -40,16 +40,20 @@ def serve(model: Any, model_name: str, host: str = "127.0.0.1", port: int = 8000
     app = create_app(model, engine, model_name, request_timeout=request_timeout, shutdown_timeout=shutdown_timeout,
                      warmup=False)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
-    print(f"mistral4-jax serve: {model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    _server_class()(config).run()
+    _server_class(f"mistral4-jax serve: {model_name} on http://{host}:{port}/v1")(config).run()
 
 
-def _server_class() -> type:
+def _server_class(ready: str) -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, but after a signal-triggered drain `run` returns (exit status 0) instead of raising the
-        signal again: the requests in flight were answered, so the shutdown succeeded."""
+        """uvicorn's server that prints `ready` once it listens, and after a signal-triggered drain returns from
+        `run` (exit status 0) instead of raising the signal again: the requests in flight were answered."""
+
+        async def startup(self, *args: Any, **kwargs: Any) -> None:
+            await super().startup(*args, **kwargs)
+            if self.started:
+                print(ready, file=sys.stderr, flush=True)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
