@@ -5,16 +5,26 @@ with its older loop emitters instead of the fusion emitters: each setting cuts c
 on tests/test_generate.py: 70 programs, 47.7 s -> 18.5 s for the emitters), and the programs still run fast
 enough. The settings reach the CLI, demo, notebook and multi-host processes the tests start through the
 environment. After each test module, compiled programs and dead objects are freed so the run's memory
-stays flat (after a test too, when the process has grown past 2 GiB).
+stays flat (after a test too, when the process has grown past 2 GiB). One persistent compilation cache (a
+temporary directory, removed at the end) serves the programs compiled again after that, and in subprocesses.
 """
 
+import atexit
 import ctypes
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one persistent compilation cache for the run and its subprocesses:
+    # modules free their compiled programs (below) and subprocesses start cold, yet many compile the same programs
+    _CACHE = tempfile.mkdtemp(prefix="mistral4-jax-tests-xla-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()

@@ -70,7 +70,7 @@ def executed(env, tmp_path_factory):
 
 
 def test_every_notebook_is_tested():
-    assert NOTEBOOKS == ["convert_and_shard.ipynb", "quickstart.ipynb"]
+    assert NOTEBOOKS == ["convert_and_shard.ipynb", "finetune_lora.ipynb", "quickstart.ipynb"]
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -175,3 +175,15 @@ def test_convert_and_shard(executed):
         assert float(diff) <= 1e-4
         assert int(per_device) * int(expert) == int(experts) == 16
     assert greedy == f"greedy tokens on {expected[-1]} equal to one device: True\n"
+
+
+def test_finetune_lora(executed):
+    """The LoRA notebook on one device: the loss falls, the fine-tuned model answers, the export holds what
+    transformers loads (tests/test_train.py checks its logits against transformers)."""
+    _, setup, train, _, chat, export = executed("finetune_lora.ipynb", 1)  # install and plot print nothing
+    assert re.search(r"on cpu: 1 device\(s\)$", setup, re.M) and "4 conversations" in setup
+    first, last, steps = re.search(r"^loss ([\d.]+) -> ([\d.]+) in (\d+) steps$", train, re.M).groups()
+    assert int(steps) == 40 and float(last) < 0.7 * float(first)
+    assert re.match(r"step 40: '.*'$", chat)
+    files = export.split(": ", 1)[1].strip().split(", ")
+    assert {"config.json", "model.safetensors", "tekken.json"} <= set(files)

@@ -202,6 +202,15 @@ def add_plan(sub: Any, subcommand: Any) -> None:
                    help="with --compile: scan (as it runs; flops and collectives from 1- and 2-layer unrolled "
                         "compiles) or unroll (one compile; slow for deep models)")
     p.add_argument("--no-cost", action="store_true", help="with --compile: memory only (skip the unrolled compiles)")
+    t = p.add_argument_group("training (--train)")
+    t.add_argument("--train", action="store_true", help="memory of a training step instead of inference: frozen "
+                   "weights, trained arrays, gradients, AdamW state, activations (with --compile: the compiled step)")
+    t.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per row (default 4096)")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (default 1)")
+    t.add_argument("--lora-rank", type=int, default=16, help="LoRA rank, 0 = none (default 16)")
+    t.add_argument("--lora-targets", default="attn", help="comma-separated LoRA targets (default attn)")
+    t.add_argument("--train-params", default="", help="comma-separated globs of parameters trained in full")
+    t.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them per layer")
     p.set_defaults(run=run_plan)
 
 
@@ -211,6 +220,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from mistral4_jax.plan.memory import format_plan, memory_plan
     from mistral4_jax.sharding import parse_mesh
 
+    if args.train:
+        return _run_train_plan(args)
     if args.compile:
         return _run_compile(args)
     path = configs.resolve(args.config)
@@ -237,6 +248,35 @@ def _run_compile(args: argparse.Namespace) -> int:
                         steps=[s.strip() for s in args.steps.split(",") if s.strip()], layers=args.layers,
                         layer_loop=args.layer_loop, cost=not args.no_cost)
     print(json.dumps(plan.to_dict()) if args.json else format_compiled(plan))
+    return 0
+
+
+def _run_train_plan(args: argparse.Namespace) -> int:
+    from mistral4_jax import Mistral4Config, configs
+    from mistral4_jax.api import resolve_dtype
+    from mistral4_jax.plan.train import compile_train_step, format_train_memory, train_memory
+    from mistral4_jax.sharding import parse_mesh
+    from mistral4_jax.train.step import TrainSpec
+    from mistral4_jax.weights import checkpoint
+
+    path = configs.resolve(args.config)
+    cfg = checkpoint.read_config(path) if checkpoint.is_checkpoint(path) else Mistral4Config.from_json(path)
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    spec = TrainSpec(lora_rank=args.lora_rank, lora_targets=split(args.lora_targets),
+                     train_params=split(args.train_params), remat=not args.no_remat)
+    dtype, compute = resolve_dtype(args.dtype), resolve_dtype(args.compute_dtype)
+    compiled = None
+    if args.compile:
+        print(f"compiling a train step for {args.compile} (abstract weights, nothing allocated)...", file=sys.stderr,
+              flush=True)
+        compiled = compile_train_step(cfg, args.compile, args.mesh, dtype, spec, args.batch, args.seq_len,
+                                      args.grad_accum, compute)
+        mesh = compiled["mesh"]
+    else:
+        mesh = parse_mesh(args.mesh or "data=1,expert=1,tensor=1", args.devices)
+    plan = train_memory(cfg, mesh, dtype, spec, args.batch, args.seq_len, compute)
+    plan.compiled = compiled
+    print(json.dumps(plan.to_dict()) if args.json else format_train_memory(plan))
     return 0
 
 

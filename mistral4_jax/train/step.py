@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ..config import Mistral4Config
 from ..model.loss import causal_lm_loss
 from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec, mesh_platform, path_name
-from ..weights.lora import CORE_NDIM, LoraWeight, factor_specs, init_factors
+from ..weights.lora import CORE_NDIM, LoraWeight, factor_shapes, factor_specs, init_factors
 from ..weights.quant import is_quant
 
 Array = jax.Array
@@ -83,7 +83,7 @@ def key(keys: tuple) -> str:
     return path_name(keys).replace("/", ".")
 
 
-def _leaves(params: Any) -> dict[str, Any]:
+def named_leaves(params: Any) -> dict[str, Any]:
     """{name: leaf} of the parameter tree (a `QuantArray` is one leaf)."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quant)[0]
     return {key(k): v for k, v in flat}
@@ -91,7 +91,7 @@ def _leaves(params: Any) -> dict[str, Any]:
 
 def lora_paths(params: Any, targets: tuple[str, ...]) -> list[str]:
     """Paths of the weights `targets` name; ValueError for a target that names none."""
-    names = _leaves(params)
+    names = named_leaves(params)
     out: list[str] = []
     for target in targets:
         wanted = LORA_ALIASES.get(target, (target,))
@@ -106,7 +106,7 @@ def lora_paths(params: Any, targets: tuple[str, ...]) -> list[str]:
 def full_paths(params: Any, patterns: tuple[str, ...]) -> list[str]:
     """Paths matching the glob `patterns` (against the path or any of its components); ValueError for a pattern
     that matches nothing or a quantised weight (train those as LoRA)."""
-    names = _leaves(params)
+    names = named_leaves(params)
     out: list[str] = []
     for pattern in patterns:
         hits = [p for p in names if fnmatch.fnmatch(p, pattern) or any(fnmatch.fnmatch(c, pattern) for c in p.split("."))]
@@ -119,32 +119,56 @@ def full_paths(params: Any, patterns: tuple[str, ...]) -> list[str]:
     return out
 
 
-def init_trainable(params: Any, spec: TrainSpec, seed: int = 0) -> dict[str, Any]:
-    """The trained arrays: {path: {"a", "b"}} per LoRA target (float32, placed like the base weight on the
-    dimensions they keep) and {path: float32 copy} per fully trained parameter."""
-    names = _leaves(params)
+def trainable_paths(params: Any, spec: TrainSpec) -> tuple[list[str], list[str]]:
+    """(LoRA target names, fully trained names); ValueError when there is nothing to train."""
     full = full_paths(params, spec.train_params)
     lora = [p for p in lora_paths(params, spec.lora_targets) if p not in full] if spec.lora_rank > 0 else []
     if not lora and not full:
         raise ValueError("nothing to train: give LoRA targets with a rank > 0, or train_params")
+    return lora, full
+
+
+def init_trainable(params: Any, spec: TrainSpec, seed: int = 0) -> dict[str, Any]:
+    """The trained arrays: {name: {"a", "b"}} per LoRA target (float32, placed like the base weight on the
+    dimensions they keep) and {name: float32 copy} per fully trained parameter."""
+    names = named_leaves(params)
+    lora, full = trainable_paths(params, spec)
     out: dict[str, Any] = {}
     keys = jax.random.split(jax.random.key(seed), max(len(lora), 1))
     for key, path in zip(keys, lora):
         w = names[path]
         a, b = init_factors(key, path.rsplit(".", 1)[-1], tuple(w.shape), spec.lora_rank)
-        out[path] = dict(zip("ab", _place_factors(path, w, a, b)))
+        sa, sb = _factor_shardings(path, w)
+        out[path] = {"a": a if sa is None else jax.device_put(a, sa), "b": b if sb is None else jax.device_put(b, sb)}
     for path in full:
         out[path] = names[path].astype(jnp.float32)
     return out
 
 
-def _place_factors(path: str, w: Any, a: Array, b: Array) -> tuple[Array, Array]:
+def abstract_trainable(params: Any, spec: TrainSpec) -> dict[str, Any]:
+    """`init_trainable`'s shapes, dtypes and shardings, of abstract (ShapeDtypeStruct) parameters: for compiling."""
+    names = named_leaves(params)
+    lora, full = trainable_paths(params, spec)
+    out: dict[str, Any] = {}
+    for path in lora:
+        w = names[path]
+        shapes = factor_shapes(path.rsplit(".", 1)[-1], tuple(w.shape), spec.lora_rank)
+        out[path] = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)
+                     for k, shape, sh in zip("ab", shapes, _factor_shardings(path, w))}
+    for path in full:
+        w = names[path]
+        out[path] = jax.ShapeDtypeStruct(w.shape, jnp.float32, sharding=getattr(w, "sharding", None))
+    return out
+
+
+def _factor_shardings(path: str, w: Any) -> tuple[Any, Any]:
+    """NamedShardings of a LoRA target's a and b from its weight's (None, None without one)."""
     sharding = getattr(w.values if is_quant(w) else w, "sharding", None)
     if not isinstance(sharding, NamedSharding):
-        return a, b
+        return None, None
     spec = tuple(sharding.spec) + (None,) * (len(w.shape) - len(sharding.spec))
     sa, sb = factor_specs(path.rsplit(".", 1)[-1], spec)
-    return (jax.device_put(a, NamedSharding(sharding.mesh, P(*sa))), jax.device_put(b, NamedSharding(sharding.mesh, P(*sb))))
+    return NamedSharding(sharding.mesh, P(*sa)), NamedSharding(sharding.mesh, P(*sb))
 
 
 def combine(params: Any, trainable: dict[str, Any], spec: TrainSpec) -> Any:
@@ -174,7 +198,14 @@ def optimizer(spec: TrainSpec) -> optax.GradientTransformation:
 def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: optax.GradientTransformation,
                     mesh: Any = None, dtype: Any = jnp.float32,
                     rules: ShardingRules = DEFAULT_RULES) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
-    """The jitted step (state donated): gradients of the mean loss over every counted token of the batch's
+    """`train_step`'s jitted step on these parameters: (state, batch) -> (state, metrics)."""
+    jitted = train_step(cfg, spec, opt, mesh, dtype, rules)
+    return lambda state, batch: jitted(params, state, batch)
+
+
+def train_step(cfg: Mistral4Config, spec: TrainSpec, opt: optax.GradientTransformation, mesh: Any = None,
+               dtype: Any = jnp.float32, rules: ShardingRules = DEFAULT_RULES) -> Any:
+    """The jitted step (params, state, batch) -> (state, metrics), state donated: gradients of the mean loss over every counted token of the batch's
     micro-batches (accumulated under `lax.scan`), then one optimizer update. Metrics: loss, tokens, grad_norm.
     On a mesh the rows of each micro-batch are split over the rules' "batch" axis (data parallel; not on a CPU
     mesh, see below)."""
@@ -209,8 +240,7 @@ def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: opta
         metrics = {"loss": total / denom, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
-    jitted = jax.jit(step, donate_argnums=(1,))
-    return lambda state, batch: jitted(params, state, batch)
+    return jax.jit(step, donate_argnums=(1,))
 
 
 def merged_params(params: Any, trainable: dict[str, Any], spec: TrainSpec) -> Any:
