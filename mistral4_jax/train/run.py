@@ -156,7 +156,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, log=pr
     with open(metrics_path, "w") as f:
         f.writelines(kept)
 
-    step_fn = make_train_step(model.config, params, spec, opt, model.mesh, model.compute_dtype, model.rules)
+    step_fn = make_train_step(model.config, params, spec, None, model.mesh, model.compute_dtype, model.rules)
     eval_fn = _eval_fn(model, spec) if eval_rows is not None else None
     schedule_lr = _lr(spec)
     history: list[dict[str, Any]] = []

@@ -5,7 +5,7 @@ AdamW with warmup + cosine decay and gradient clipping; gradient accumulation ov
     trainable = init_trainable(params, spec, seed=0)          # {path: {"a", "b"}} and/or {path: array}
     opt = optimizer(spec)
     state = TrainState(jnp.int32(0), trainable, opt.init(trainable))
-    step = make_train_step(cfg, params, spec, opt, mesh)       # jitted: (state, batch) -> (state, metrics)
+    step = make_train_step(cfg, params, spec, mesh=mesh)       # jitted: (state, batch) -> (state, metrics)
 
 Parameters are the stacked tree (`model.params` with `layer_loop="scan"`), named by path
 ("layers_moe.attn.q_a_proj"). A batch is {"input_ids", "labels", "attention_mask"} [A, B, T] (A micro-batches);
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -195,7 +196,7 @@ def optimizer(spec: TrainSpec) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay))
 
 
-def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: optax.GradientTransformation,
+def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: optax.GradientTransformation | None = None,
                     mesh: Any = None, dtype: Any = jnp.float32,
                     rules: ShardingRules = DEFAULT_RULES) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
     """`train_step`'s jitted step on these parameters: (state, batch) -> (state, metrics)."""
@@ -203,9 +204,24 @@ def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: opta
     return lambda state, batch: jitted(params, state, batch)
 
 
-def train_step(cfg: Mistral4Config, spec: TrainSpec, opt: optax.GradientTransformation, mesh: Any = None,
+def train_step(cfg: Mistral4Config, spec: TrainSpec, opt: optax.GradientTransformation | None = None, mesh: Any = None,
                dtype: Any = jnp.float32, rules: ShardingRules = DEFAULT_RULES) -> Any:
-    """The jitted step (params, state, batch) -> (state, metrics), state donated: gradients of the mean loss over every counted token of the batch's
+    """The jitted step (params, state, batch) -> (state, metrics), state donated. `opt` None = `optimizer(spec)`;
+    then the jitted function is shared by every call with the same settings (a resumed run in the same process
+    does not compile again)."""
+    if opt is None:
+        return _shared_train_step(cfg, spec, mesh, dtype, rules)
+    return _train_step(cfg, spec, opt, mesh, dtype, rules)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_train_step(cfg: Mistral4Config, spec: TrainSpec, mesh: Any, dtype: Any, rules: ShardingRules) -> Any:
+    return _train_step(cfg, spec, optimizer(spec), mesh, dtype, rules)
+
+
+def _train_step(cfg: Mistral4Config, spec: TrainSpec, opt: optax.GradientTransformation, mesh: Any, dtype: Any,
+                rules: ShardingRules) -> Any:
+    """Gradients of the mean loss over every counted token of the batch's
     micro-batches (accumulated under `lax.scan`), then one optimizer update. Metrics: loss, tokens, grad_norm.
     On a mesh the rows of each micro-batch are split over the rules' "batch" axis (data parallel; not on a CPU
     mesh, see below)."""
