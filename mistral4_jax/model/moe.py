@@ -230,8 +230,9 @@ def _experts_ragged(x: Array, ids: Array, weights: Array, gate: Weight, up: Weig
     None = all T*K copies in one call); copies not held here sort last and are never in a group.
     The stacked weights are dequantised once (FP8 on TPU: converted to the compute dtype anyway, as
     `ragged_dot` does not fuse the conversion). With `rows` < T*K (expert shards: each holds about
-    T*K / shards copies) a `while_loop` runs ceil(held copies / rows) calls, usually one; XLA's cost
-    analysis counts one call, i.e. `rows` copies. Outputs land in sorted order; each token then
+    T*K / shards copies) a scan over the ceil(T*K / rows) possible chunks runs the ceil(held copies / rows)
+    that hold copies (`lax.cond`), usually one; XLA's cost analysis counts one call, i.e. `rows` copies. (A
+    scan of static length, not a `while_loop`, so that training can differentiate it.) Outputs land in sorted order; each token then
     gathers and weights its K copies from each chunk (a gather: on TPU a row scatter-add compiles ~3x
     slower).
     """
@@ -262,7 +263,12 @@ def _experts_ragged(x: Array, ids: Array, weights: Array, gate: Weight, up: Weig
     out = jnp.zeros_like(x, jnp.float32)  # (zeros_like: varies over a shard_map's axes as x does)
     if chunks == 1:
         return chunk(0, out).astype(x.dtype)
-    return jax.lax.fori_loop(0, (jnp.sum(counts) + rows - 1) // rows, chunk, out).astype(x.dtype)
+    needed = (jnp.sum(counts) + rows - 1) // rows  # chunks holding copies; the rest are skipped
+
+    def maybe(out: Array, c: Array) -> tuple[Array, None]:  # a scan of static length: reverse-differentiable
+        return jax.lax.cond(c < needed, chunk, lambda c, out: out, c, out), None
+
+    return jax.lax.scan(maybe, out, jnp.arange(chunks))[0].astype(x.dtype)
 
 
 EXPERT_ROWS_SLACK = 1.25
