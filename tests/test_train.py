@@ -151,21 +151,28 @@ def _finetune_args(demo_dir, out, *extra):
             "--lr", "1e-2", "--warmup", "1", "--batch", "2", "--seq-len", "64", "--save-every", "3", *extra]
 
 
-def test_finetune_resume_and_export_equal_transformers(demo_dir, tmp_path, monkeypatch):
-    """CLI finetune (6 steps); a run that dies after step 4 (checkpoint at 3) and `--resume`s logs the same losses;
-    `export --merge-lora` writes what transformers' Mistral4ForCausalLM loads, with our fine-tuned logits."""
-    assert cli.main(_finetune_args(demo_dir, tmp_path / "run")) == 0
-    want = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [m["step"] for m in want] == list(range(1, 7)) and want[-1]["loss"] < want[0]["loss"]
+@pytest.fixture(scope="module")
+def trained_run(demo_dir, tmp_path_factory):
+    """A CLI finetune run of 6 steps (checkpoints at 3 and 6) and its metrics."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert cli.main(_finetune_args(demo_dir, out)) == 0
+    metrics = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == list(range(1, 7)) and metrics[-1]["loss"] < metrics[0]["loss"]
+    return out, metrics
 
+
+def test_killed_finetune_resumes_with_the_same_losses(demo_dir, trained_run, tmp_path, monkeypatch):
+    """A run that dies after step 4 (checkpoint at 3) and `--resume`s logs the uninterrupted run's losses; a
+    resume with other settings is refused."""
+    _, want = trained_run
     real_batch_at = train_run.batch_at
 
-    def dies_at_step_4(rows, step, *args, **kwargs):
+    def dies_at_step_5(rows, step, *args, **kwargs):
         if step == 4:
             raise KeyboardInterrupt
         return real_batch_at(rows, step, *args, **kwargs)
 
-    monkeypatch.setattr(train_run, "batch_at", dies_at_step_4)
+    monkeypatch.setattr(train_run, "batch_at", dies_at_step_5)
     assert cli.main(_finetune_args(demo_dir, tmp_path / "killed")) == 130  # Ctrl-C (or a crash) at step 5
     monkeypatch.setattr(train_run, "batch_at", real_batch_at)
     assert cli.main(_finetune_args(demo_dir, tmp_path / "killed", "--resume")) == 0
@@ -173,8 +180,13 @@ def test_finetune_resume_and_export_equal_transformers(demo_dir, tmp_path, monke
     assert [(m["step"], m["loss"]) for m in got] == [(m["step"], m["loss"]) for m in want]
     assert cli.main(_finetune_args(demo_dir, tmp_path / "killed", "--resume", "--lr", "2e-2")) == 1  # another config
 
-    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "hf"), "--merge-lora", "--dtype", "float32"]) == 0
-    model, trainable, spec, step = train_run.load_run(str(tmp_path / "run"))
+
+def test_export_equals_transformers(trained_run, tmp_path):
+    """`export --merge-lora` writes what transformers' Mistral4ForCausalLM loads, with our fine-tuned logits; without
+    --merge-lora the base and a PEFT adapter whose W + alpha / r * B @ A is the merged weight."""
+    run, _ = trained_run
+    assert cli.main(["export", str(run), str(tmp_path / "hf"), "--merge-lora", "--dtype", "float32"]) == 0
+    model, trainable, spec, step = train_run.load_run(str(run))
     assert step == 6
     ours = mistral4_jax.Mistral4(model.config, merged_params(model.params, trainable, spec))
     ids = np.random.default_rng(1).integers(3, 1000, (2, 12))
@@ -188,7 +200,7 @@ def test_finetune_resume_and_export_equal_transformers(demo_dir, tmp_path, monke
     assert np.abs(base - theirs).max() > 1e-2  # the fine-tuning changed the model
 
     # without --merge-lora: the base (final_norm trained in full) and a PEFT adapter whose W + scale * B @ A is the merge
-    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--dtype", "float32"]) == 0
+    assert cli.main(["export", str(run), str(tmp_path / "peft"), "--dtype", "float32"]) == 0
     from safetensors.numpy import load_file
 
     adapter = load_file(str(tmp_path / "peft" / "adapter" / "adapter_model.safetensors"))
