@@ -87,3 +87,24 @@ def test_real_model():
 def test_a_mesh_that_does_not_divide_is_refused():
     with pytest.raises(ValueError):
         memory_plan(CFG, {"expert": 3})  # 8 experts over 3 devices
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
+def test_train_plan_counts_what_training_trains(dtype):
+    """`plan --train`'s trained arrays are those `init_trainable` makes (float32), the experts' factors split over
+    `expert` like the experts, the AdamW moments and gradients twice them each."""
+    import jax
+
+    from mistral4_jax import model as M
+    from mistral4_jax.plan.train import train_memory
+    from mistral4_jax.train.step import TrainSpec, init_trainable
+
+    spec = TrainSpec(lora_rank=4, lora_targets=("attn", "experts"), train_params=("*norm*",))
+    trainable = init_trainable(M.init_params(CFG, jax.random.key(0), jnp.dtype(dtype)), spec)
+    sizes = {name: sum(x.size for x in jax.tree.leaves(t)) for name, t in trainable.items()}
+    experts = sum(n for name, n in sizes.items() if "experts_" in name)
+    one = train_memory(CFG, {"data": 1, "expert": 1, "tensor": 1}, jnp.dtype(dtype), spec, 1, 64)
+    assert one.trainable_params == sum(sizes.values()) and one.trainable == 4 * sum(sizes.values())
+    assert one.grads == one.optimizer == 2 * one.trainable
+    split = train_memory(CFG, {"data": 1, "expert": 2, "tensor": 1}, jnp.dtype(dtype), spec, 1, 64)
+    assert split.trainable == 4 * (sum(sizes.values()) - experts) + 4 * experts // 2

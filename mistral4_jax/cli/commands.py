@@ -60,6 +60,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-id", type=int, default=None)
 
 
+def csv_list(text: str) -> tuple[str, ...]:
+    """An option's comma-separated names ("attn, experts") as a tuple."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """Sampling options; `check_sampling` (run before anything is loaded) checks their ranges."""
     p.add_argument("--reasoning-effort", default=None, choices=REASONING_EFFORTS,
@@ -208,14 +213,22 @@ def add_plan(sub: Any, subcommand: Any) -> None:
     t.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per row (default 4096)")
     t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (default 1)")
     t.add_argument("--lora-rank", type=int, default=16, help="LoRA rank, 0 = none (default 16)")
-    t.add_argument("--lora-targets", default="attn", help="comma-separated LoRA targets (default attn)")
-    t.add_argument("--train-params", default="", help="comma-separated globs of parameters trained in full")
+    t.add_argument("--lora-targets", type=csv_list, default=("attn",), help="comma-separated LoRA targets (default attn)")
+    t.add_argument("--train-params", type=csv_list, default=(), help="comma-separated globs of parameters trained in full")
     t.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing them per layer")
     p.set_defaults(run=run_plan)
 
 
-def run_plan(args: argparse.Namespace) -> int:
+def _plan_config(name: str) -> Any:
+    """The Mistral4Config of `plan --config`: a bundled config's name, a config file or a converted checkpoint."""
     from mistral4_jax import Mistral4Config, configs
+    from mistral4_jax.weights import checkpoint
+
+    path = configs.resolve(name)
+    return checkpoint.read_config(path) if checkpoint.is_checkpoint(path) else Mistral4Config.from_json(path)
+
+
+def run_plan(args: argparse.Namespace) -> int:
     from mistral4_jax.api import resolve_dtype
     from mistral4_jax.plan.memory import format_plan, memory_plan
     from mistral4_jax.sharding import parse_mesh
@@ -224,13 +237,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return _run_train_plan(args)
     if args.compile:
         return _run_compile(args)
-    path = configs.resolve(args.config)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
-        from mistral4_jax.weights import checkpoint
-
-        cfg = checkpoint.read_config(path)
-    else:
-        cfg = Mistral4Config.from_json(path)
+    cfg = _plan_config(args.config)
     mesh = parse_mesh(args.mesh or "data=1,expert=1,tensor=1", args.devices)
     plan = memory_plan(cfg, mesh, resolve_dtype(args.dtype), resolve_dtype(args.cache_dtype) if args.cache_dtype else None,
                        args.batch, args.context, args.hbm)
@@ -252,18 +259,14 @@ def _run_compile(args: argparse.Namespace) -> int:
 
 
 def _run_train_plan(args: argparse.Namespace) -> int:
-    from mistral4_jax import Mistral4Config, configs
     from mistral4_jax.api import resolve_dtype
     from mistral4_jax.plan.train import compile_train_step, format_train_memory, train_memory
     from mistral4_jax.sharding import parse_mesh
     from mistral4_jax.train.step import TrainSpec
-    from mistral4_jax.weights import checkpoint
 
-    path = configs.resolve(args.config)
-    cfg = checkpoint.read_config(path) if checkpoint.is_checkpoint(path) else Mistral4Config.from_json(path)
-    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
-    spec = TrainSpec(lora_rank=args.lora_rank, lora_targets=split(args.lora_targets),
-                     train_params=split(args.train_params), remat=not args.no_remat)
+    cfg = _plan_config(args.config)
+    spec = TrainSpec(lora_rank=args.lora_rank, lora_targets=args.lora_targets, train_params=args.train_params,
+                     remat=not args.no_remat)
     dtype, compute = resolve_dtype(args.dtype), resolve_dtype(args.compute_dtype)
     compiled = None
     if args.compile:

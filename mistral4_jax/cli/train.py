@@ -8,11 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .commands import positive_int
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+from .commands import csv_list, positive_int
 
 
 def add_finetune(sub: Any, subcommand: Any) -> None:
@@ -26,10 +22,10 @@ def add_finetune(sub: Any, subcommand: Any) -> None:
     p.add_argument("--out", required=True, help="run directory (run.json, checkpoints/, metrics.jsonl)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank; 0 = no adapters (default 16)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha: updates scale by alpha/rank (default 32)")
-    p.add_argument("--lora-targets", type=_csv, default=("attn",),
+    p.add_argument("--lora-targets", type=csv_list, default=("attn",),
                    help="comma-separated weights or groups: attn, experts, shared_expert, mlp, q_a_proj, o_proj, ... "
                         "(default attn)")
-    p.add_argument("--train-params", type=_csv, default=(),
+    p.add_argument("--train-params", type=csv_list, default=(),
                    help="comma-separated glob patterns of parameters trained in full, e.g. '*norm*,router'")
     p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")

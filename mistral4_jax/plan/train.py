@@ -26,9 +26,10 @@ from .. import model as M
 from ..config import Mistral4Config
 from ..model.layers import ATTN_BLOCK
 from ..sharding import DEFAULT_RULES, ShardingRules, batch_spec, make_mesh, parse_mesh
-from ..train.step import TrainSpec, TrainState, abstract_trainable, named_leaves, optimizer, train_step, trainable_paths
+from ..train.step import TrainSpec, TrainState, abstract_trainable, key, named_leaves, optimizer, train_step, trainable_paths
 from ..weights.lora import factor_shapes, factor_specs
-from ..weights.quant import is_quant
+from ..weights.quant import QuantArray, is_quant
+from .compile import _abstract
 from .memory import _weight_bytes, format_bytes
 from .targets import default_mesh, parse_target, target_devices
 
@@ -62,8 +63,9 @@ def _trainable_bytes(cfg: Mistral4Config, mesh: dict[str, int], dtype: Any, spec
                      rules: ShardingRules) -> tuple[int, int]:
     """(trained parameters in all, float32 bytes of them on one device)."""
     abstract = M.abstract_params(cfg, dtype)
-    axes = named_leaves(jax.tree_util.tree_map(lambda a: tuple(rules.spec(a)), M.param_axes(cfg, dtype),
-                                               is_leaf=lambda x: isinstance(x, tuple)))
+    flat = jax.tree_util.tree_flatten_with_path(M.param_axes(cfg, dtype), is_leaf=lambda x: isinstance(x, (tuple, QuantArray)))[0]
+    axes = {key(k): jax.tree_util.tree_map(lambda a: tuple(rules.spec(a)), a, is_leaf=lambda x: isinstance(x, tuple))
+            for k, a in flat}  # name -> mesh axes per dimension (a QuantArray of them for a quantised weight)
     leaves = named_leaves(abstract)
     lora, full = trainable_paths(abstract, spec)
     count, nbytes = 0, 0
@@ -117,8 +119,7 @@ def compile_train_step(cfg: Mistral4Config, target: str, mesh: str | dict[str, i
     t = parse_target(target)
     sizes = parse_mesh(default_mesh(t, cfg) if mesh is None else mesh, t.chips)
     device_mesh = make_mesh(sizes, devices=target_devices(t))
-    params = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    M.abstract_params(cfg, dtype), M.param_shardings(cfg, device_mesh, dtype, rules))
+    params = _abstract(M.abstract_params(cfg, dtype), M.param_shardings(cfg, device_mesh, dtype, rules))
     trainable = abstract_trainable(params, spec)
     opt = optimizer(spec)
     replicated = NamedSharding(device_mesh, P())

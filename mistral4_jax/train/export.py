@@ -34,7 +34,7 @@ def export(src: str, dst: str, merge_lora: bool = False, dtype: str = "bfloat16"
     import mistral4_jax
     from ..weights.export import write_hf
     from .run import RUN_FILE, load_run
-    from .step import merged_params
+    from .step import combine
 
     if not os.path.exists(os.path.join(src, RUN_FILE)):
         model = mistral4_jax.load(src, dtype="float32", layer_loop="scan", text_only=True)
@@ -44,14 +44,15 @@ def export(src: str, dst: str, merge_lora: bool = False, dtype: str = "bfloat16"
     base_dir = json.load(open(os.path.join(src, RUN_FILE)))["checkpoint"]
     lora = {k: v for k, v in trainable.items() if isinstance(v, dict)}
     if merge_lora or not lora:
-        write_hf(dst, merged_params(model.params, trainable, spec), model.config, dtype=dtype, tokenizer_dir=base_dir)
+        # write_hf folds the LoraWeights in layer by layer as it writes
+        write_hf(dst, combine(model.params, trainable, spec), model.config, dtype=dtype, tokenizer_dir=base_dir)
         return dst
     unmergeable = [k for k in lora if _hf_module(k) is None]
     if unmergeable:
         raise ValueError(f"{src}: the adapter on {unmergeable[0]} has no single HF module to target (PEFT); "
                          "export with --merge-lora")
     full = {k: v for k, v in trainable.items() if not isinstance(v, dict)}
-    write_hf(dst, merged_params(model.params, full, spec), model.config, dtype=dtype, tokenizer_dir=base_dir)
+    write_hf(dst, combine(model.params, full, spec), model.config, dtype=dtype, tokenizer_dir=base_dir)
     write_peft_adapter(os.path.join(dst, "adapter"), lora, model.config, spec, base=os.path.abspath(dst))
     return dst
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..sharding import make_mesh
 from .data import batch_at, pack, read_conversations
-from .step import TrainSpec, TrainState, init_trainable, make_train_step, optimizer
+from .step import TrainSpec, TrainState, init_trainable, make_train_step, optimizer, schedule
 
 RUN_FILE = "run.json"
 
@@ -158,7 +158,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, log=pr
 
     step_fn = make_train_step(model.config, params, spec, None, model.mesh, model.compute_dtype, model.rules)
     eval_fn = _eval_fn(model, spec) if eval_rows is not None else None
-    schedule_lr = _lr(spec)
+    schedule_lr = schedule(spec)
     history: list[dict[str, Any]] = []
     n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
     log(f"training {n_trained:,} parameters ({len(trainable)} arrays) for {spec.steps} steps "
@@ -187,13 +187,6 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True, log=pr
         ckpt.wait()
         ckpt.close()
     return history
-
-
-def _lr(spec: TrainSpec) -> Any:
-    import optax
-
-    return optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup_steps, 0), max(spec.steps, 1),
-                                              end_value=spec.lr * spec.end_lr_ratio)
 
 
 def _eval_fn(model: Any, spec: TrainSpec) -> Any:

@@ -188,12 +188,16 @@ def combine(params: Any, trainable: dict[str, Any], spec: TrainSpec) -> Any:
     return jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_quant)
 
 
+def schedule(spec: TrainSpec) -> optax.Schedule:
+    """The learning rate by step: linear warmup, then cosine decay."""
+    return optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup_steps, 0), max(spec.steps, 1),
+                                              end_value=spec.lr * spec.end_lr_ratio)
+
+
 def optimizer(spec: TrainSpec) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW on the warmup-cosine schedule."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup_steps, 0), max(spec.steps, 1),
-                                                  end_value=spec.lr * spec.end_lr_ratio)
+    """Clip by global norm, then AdamW on `schedule`."""
     return optax.chain(optax.clip_by_global_norm(spec.clip_norm),
-                       optax.adamw(schedule, b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay))
+                       optax.adamw(schedule(spec), b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay))
 
 
 def make_train_step(cfg: Mistral4Config, params: Any, spec: TrainSpec, opt: optax.GradientTransformation | None = None,
@@ -263,4 +267,4 @@ def merged_params(params: Any, trainable: dict[str, Any], spec: TrainSpec) -> An
     """The parameters with the adapters folded in and the trained leaves in place (for inference and export)."""
     from ..weights.lora import is_lora, merge
 
-    return jax.tree_util.tree_map(merge, combine(params, trainable, spec), is_leaf=lambda x: is_lora(x) or is_quant(x))
+    return jax.tree_util.tree_map(merge, combine(params, trainable, spec), is_leaf=is_lora)

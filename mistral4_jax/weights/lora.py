@@ -92,5 +92,4 @@ def merge(w: Any) -> Any:
         return w
     from .quant import dequantize, is_quant
 
-    dtype = jnp.float32 if is_quant(w.base) else w.base.dtype
-    return (dequantize(w.base, jnp.float32) + w.delta(jnp.float32)).astype(dtype)
+    return dequantize(w, jnp.float32).astype(jnp.float32 if is_quant(w.base) else w.base.dtype)
